@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make bench` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lock-stamp
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Caches and run outputs stay out of the repo and out of $HOME surprises.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_DIR ?= $(CURDIR)/results
+export WANDB_SILENT ?= true
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup bench test test-fast shards clean
+
+setup: $(STAMP)
+
+# The venv is rebuilt only when the lock or the project metadata changes.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+shards: setup
+	$(BIN)/python -m bench shards make digits
+
+bench: setup shards
+	$(BIN)/python -m bench sweep tune_spaces/smoke.yaml --results results/smoke
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf results shards .cache .pytest_cache

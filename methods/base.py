@@ -1,0 +1,220 @@
+"""What every method shares: the config fields every trial understands and the small protocol that
+``bench`` drives.
+
+A method is a recipe over plain PyTorch: it builds its model from a backbone, makes its optimizer, and
+says what one training step does. ``bench`` owns everything around it (data, the DeepSpeed engine,
+evaluation, checkpoints, tracking), so a method is testable with nothing but torch.
+
+The engine a method receives behaves like a DeepSpeed engine: ``engine(x)`` runs the forward,
+``engine.backward(loss)`` the backward, ``engine.step()`` the optimizer step (and zeroes the gradients),
+``engine.module`` is the wrapped model. Gradients taken outside ``engine.backward`` (an attack's
+``torch.autograd.grad``) must go through ``engine.module``, never ``engine(x)``: DeepSpeed hooks its
+forward outputs and refuses other backward calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "apgd-ce", "off")
+
+
+@dataclass
+class BaseConfig:
+    """Fields every method understands. Defaults are the papers' settings; budgets shrink a run."""
+
+    # what runs
+    method: str = ""
+    dataset: str = "digits"
+    backbone: str = "cifar_resnet18_aa"
+    seed: int = 0
+    # budget
+    epochs: int = 60
+    max_train_samples: int | None = None  # None: the whole training split
+    n_eval: int | None = None  # first n test samples; None: the whole test split
+    n_val: int | None = None  # validation samples used for model selection; None: all
+    train_attack_steps: int = 10
+    eval_pgd_steps: int = 20
+    val_pgd_steps: int = 10
+    autoattack_version: str = "standard"
+    # threat model (pixel scale, inputs in [0, 1])
+    eps: float = 8 / 255
+    train_step_size: float = 2 / 255
+    eval_step_size: float = 2 / 255
+    # optimisation
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    select_metric: str = "val_pgd_acc"  # validation metric that picks the checkpoint
+    # engine
+    zero_stage: int = 0
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    # data
+    image_size: int | None = None  # None: the manifest's size
+    augment: bool = True
+    num_workers: int = 0
+    shuffle_buffer: int = 2000
+    pretrained: bool = False  # timm backbones: load hub/cached weights
+
+    def validate(self) -> None:
+        """Raise ValueError with one line naming the bad field."""
+        if not 0.0 <= self.eps <= 1.0:
+            raise ValueError(f"eps={self.eps} is outside [0, 1]; eps is in pixel scale, e.g. eps=8/255")
+        for name in ("train_step_size", "eval_step_size", "lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("epochs", "batch_size", "eval_batch_size", "train_attack_steps", "eval_pgd_steps",
+                     "val_pgd_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("max_train_samples", "n_eval", "n_val"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name}={v} must be positive or null (all)")
+        if self.autoattack_version not in AUTOATTACK_VERSIONS:
+            raise ValueError(f"autoattack_version={self.autoattack_version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage}; valid: 0, 1, 2, 3")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EpisodicConfig(BaseConfig):
+    """Fields of few-shot (episodic) methods, on top of the shared ones."""
+
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    episodes_per_epoch: int = 500
+    episodes: int = 600  # test episodes
+    val_episodes: int = 5
+    base_classes: list[int] | None = None  # None: the manifest's base split (digits: 0-4)
+    novel_classes: list[int] | None = None  # None: the manifest's novel split (digits: 5-9)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("ways", "shots", "queries", "episodes_per_epoch", "episodes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+
+class Episode(NamedTuple):
+    """One few-shot task; labels are 0..ways-1 in both sets."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+
+@dataclass
+class EpochDecision:
+    """What the trial loop does after an epoch's validation."""
+
+    is_best: bool = False  # keep this epoch as the selected checkpoint
+    reload_best: bool = False  # load the selected checkpoint back before going on
+    stop: bool = False
+
+
+@dataclass
+class TrainContext:
+    """What ``bench`` hands a method during training."""
+
+    epoch: int = 0
+    step: int = 0  # step within the epoch
+    steps_per_epoch: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # a fresh pass over the training data without augmentation, (x, y) on device; used e.g. by AutoLoRa's λ
+    train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+
+class Method:
+    """Base of every method. Subclasses set ``Config`` and override ``train_step``.
+
+    Life of a trial: ``__init__`` (builds ``self.model`` from the backbone) -> ``make_optimizer`` ->
+    for each epoch: ``start_epoch``, ``train_step`` per batch or episode, validation by ``bench``,
+    ``end_epoch`` -> final evaluation of ``eval_model()`` (or ``episode_classifier`` for episodic methods).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[BaseConfig]] = BaseConfig
+    episodic: ClassVar[bool] = False
+
+    def __init__(self, cfg: BaseConfig, backbone: nn.Module, num_classes: int):
+        self.cfg = cfg
+        self.model = backbone
+        self.num_classes = num_classes
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.best_val: float | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # --- optimisation -------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        self.optimizer = torch.optim.SGD(self.param_groups(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                         weight_decay=self.cfg.weight_decay)
+        return self.optimizer
+
+    def set_lr(self, lr: float) -> None:
+        # DeepSpeed's ZeRO optimizers share the client optimizer's param_group dicts, so this reaches them.
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- training -----------------------------------------------------------------------------------
+    def start_epoch(self, ctx: TrainContext) -> dict[str, float]:
+        """Called before each epoch; returns values to log (e.g. λ)."""
+        return {"lr": self.current_lr()}
+
+    def train_step(self, engine, batch, ctx: TrainContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int, val: dict[str, float]) -> EpochDecision:
+        """Default selection: keep the epoch with the best ``cfg.select_metric`` on validation data."""
+        score = val.get(self.cfg.select_metric)
+        self.history.append({"epoch": epoch, "lr": self.current_lr(), **val})
+        is_best = score is not None and (self.best_val is None or score > self.best_val)
+        if is_best:
+            self.best_val = score
+        return EpochDecision(is_best=is_best)
+
+    # --- evaluation ---------------------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The network that is evaluated and attacked (inputs in [0, 1], logits out)."""
+        return self.model
+
+    def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor) -> nn.Module:
+        """Episodic methods: a module mapping query images to logits over the episode's classes."""
+        raise NotImplementedError(f"{self.name} is not an episodic method")
+
+    # --- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Method state beyond the model's weights (schedules, trajectories); plain data only."""
+        return {"best_val": self.best_val, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_val = state.get("best_val")
+        self.history = list(state.get("history", []))
+
+    def summary(self) -> dict[str, Any]:
+        """What result.json records about the method's run (trajectories, selected epoch)."""
+        return {"history": self.history}
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
