@@ -10,7 +10,7 @@ export WANDB_DIR ?= $(CURDIR)/results
 export WANDB_SILENT ?= true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup bench test test-fast shards clean
+.PHONY: setup bench test test-fast shards clean browser
 
 setup: $(STAMP)
 
@@ -27,7 +27,11 @@ shards: setup
 bench: setup shards
 	$(BIN)/python -m bench sweep tune_spaces/smoke.yaml --results results/smoke
 
-test: setup
+# Headless Debian chromium for the leaderboard page test (tests/test_leaderboard.py); installed once.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: setup browser
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup

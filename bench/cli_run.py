@@ -1,0 +1,38 @@
+"""``bench run``: one trial, in this process (or in each torchrun process)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run one trial and write DIR/result.json",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", required=True, help="a registered method (see `bench run --list`)")
+    p.add_argument("--dataset", default="digits", help="data set name under the shards root, or a shards folder")
+    p.add_argument("--backbone", default="cifar_resnet18_aa", help="registered backbone, timm name, or NAME@weights")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field (repeatable), e.g. --set epochs=1 --set eps=8/255")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/METHOD-DATASET-HASH-sSEED)")
+    p.add_argument("--data-root", type=Path, default=None, help="shards root (default: $BENCH_SHARDS or ./shards)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from bench.config import config_hash, parse_set_args, resolve_config
+    from bench.trial import run_trial
+
+    overrides = parse_set_args(args.overrides)
+    overrides.update(dataset=args.dataset, backbone=args.backbone)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg = resolve_config(args.method, overrides)
+    out = args.out or Path("runs") / f"{cfg.method}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}"
+    result = run_trial(cfg, out, data_root=args.data_root, progress=not args.no_progress)
+    shown = {k: result[k] for k in ("metrics", "fewshot") if k in result}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {Path(out) / 'result.json'}")
+    return 0

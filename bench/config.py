@@ -1,0 +1,132 @@
+"""Resolve a trial's config: method defaults, then ``--set key=value`` overrides, then validation.
+
+Configs are plain dataclasses (one per method); the resolved one is saved as ``args.yaml`` beside every
+run, as timm does, and hashed for the leaderboard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from methods import get_method, list_methods
+from methods.base import BaseConfig
+
+# Settings that change how fast a run goes, not what it computes: left out of the config hash.
+NON_SEMANTIC = {"num_workers", "eval_batch_size", "channels_last", "compile", "seed"}
+
+_FRACTION = re.compile(r"^\s*([-+]?[0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing config error."""
+
+
+def parse_value(text: Any) -> Any:
+    """YAML scalars and lists, plus fractions such as ``8/255``."""
+    if not isinstance(text, str):
+        return text
+    m = _FRACTION.match(text)
+    if m:
+        return float(m.group(1)) / float(m.group(2))
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ConfigError(f"{name} may not be null")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (inner,) = typing.get_args(hint) or (Any,)
+        return [_coerce(name, parse_value(v), inner) for v in value]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(parse_value(value))
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def config_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def resolve_config(method: str, overrides: dict[str, Any] | None = None) -> BaseConfig:
+    """Build and validate the config of ``method`` with ``overrides`` applied (values may be strings)."""
+    try:
+        cls = get_method(method).Config
+    except KeyError:
+        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(list_methods())}") from None
+    fields = config_fields(cls)
+    values: dict[str, Any] = {"method": method}
+    for key, raw in (overrides or {}).items():
+        if key not in fields:
+            raise ConfigError(f"unknown config field {key!r} for method {method}; valid: {', '.join(sorted(fields))}")
+        # str fields take the text as is (YAML would turn "off" into False)
+        value = raw if fields[key] is str and isinstance(raw, str) else parse_value(raw)
+        values[key] = _coerce(key, value, fields[key])
+    cfg = cls(**values)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def parse_set_args(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def config_hash(cfg: BaseConfig | dict) -> str:
+    """Hash of the settings that determine a result (seed and speed switches left out)."""
+    d = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    d = {k: v for k, v in d.items() if k not in NON_SEMANTIC}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def save_config(cfg: BaseConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_config(path: Path) -> BaseConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    return resolve_config(data.pop("method"), data)

@@ -1,0 +1,51 @@
+"""``bench perf``: the performance benchmarks, as one JSON document.
+
+Each section lives beside the code it measures (perf_data: the loader, perf_autolora: the training step,
+perf_tune: Ray Tune's overhead); this module only runs them and reports.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SECTIONS = {
+    "loader": ("bench.perf_data", "loader_benchmark"),
+    "autolora_step": ("bench.perf_autolora", "autolora_step_benchmark"),
+    "tune": ("bench.perf_tune", "tune_benchmark"),
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("perf", help="run the performance benchmarks and print JSON")
+    p.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run only these sections")
+    p.add_argument("--quick", action="store_true", help="short runs (about a minute a section)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = {"host": {"python": platform.python_version(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                       "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}}
+    for name in args.only or SECTIONS:
+        module_name, fn_name = SECTIONS[name]
+        t0 = time.time()
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+            report[name] = fn(quick=args.quick)
+        except Exception as e:  # one broken section must not hide the others' numbers
+            report[name] = {"error": f"{type(e).__name__}: {e}"}
+        report[name]["section_wall_s"] = round(time.time() - t0, 2)
+        print(f"perf: {name} done in {report[name]['section_wall_s']} s", file=sys.stderr)
+    text = json.dumps(report, indent=2, default=float)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0

@@ -1,0 +1,379 @@
+"""One trial end to end: data, backbone, method, DeepSpeed engine; train; select; evaluate; report.
+
+``run_trial`` is what ``bench run`` calls and what every Ray Tune trial calls, so a sweep's trial and a
+hand-run trial are the same code path and write the same ``result.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bench.backbones import create_backbone
+from bench.config import config_hash, save_config
+from bench.engine import (build_engine, checkpoint_path, load_checkpoint, load_module_state, restore,
+                          save_checkpoint, trial_device, world)
+from bench.evaluate import clean_accuracy, pgd_accuracy, robust_metrics
+from data_shards.manifest import read_manifest
+from data_shards.paths import dataset_dir
+from data_shards.reader import load_split, make_loader
+from methods import get_method
+from methods.attacks import eval_mode
+from methods.base import BaseConfig, Episode, TrainContext
+
+EpochCallback = Callable[[dict[str, Any], Path], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name, dist in (("torch", "torch"), ("timm", "timm"), ("peft", "peft"), ("ray", "ray"),
+                       ("deepspeed", "deepspeed"), ("bench", "robust-lora-bench")):
+        try:
+            out[name] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
+    """Everything that can be wrong with the request, checked before any work starts."""
+    ds_dir = dataset_dir(cfg.dataset, data_root)
+    manifest = read_manifest(ds_dir)
+    from bench.backbones import _BACKBONES
+
+    name = cfg.backbone.split("@", 1)[0]
+    if cfg.backbone not in _BACKBONES and not Path(cfg.backbone).exists():
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown backbone {cfg.backbone!r}; valid: {', '.join(sorted(_BACKBONES))}, "
+                             f"any timm model name, or NAME@/path/to/weights")
+    method_cls = get_method(cfg.method)
+    needed = ("train", "test") if method_cls.episodic else ("train", "val", "test")
+    missing = [s for s in needed if s not in manifest["splits"]]
+    if missing:
+        raise ValueError(f"data set {cfg.dataset!r} ({ds_dir}) has no {'/'.join(missing)} split")
+    return ds_dir
+
+
+def run_trial(cfg: BaseConfig, out_dir: str | Path, *, data_root: str | Path | None = None,
+              progress: bool = True, epoch_callback: EpochCallback | None = None, run_id: str | None = None,
+              group: str | None = None, sweep: dict | None = None, track: bool = True) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    ds_dir = check_inputs(cfg, data_root)
+    method_cls = get_method(cfg.method)
+    if getattr(method_cls, "pool", False) and getattr(cfg, "pool_dir", None) is None \
+            and getattr(cfg, "member_eps", None) is None:
+        from bench.amt_pool import run_pool
+
+        def run_member(overrides: dict, member_out: Path) -> dict:
+            member_cfg = type(cfg)(**{**cfg.to_dict(), **overrides})
+            return run_trial(member_cfg, member_out, data_root=data_root, progress=progress, group=group,
+                             track=track)
+
+        pool_json = run_pool(cfg, out_dir, run_member)
+        cfg = type(cfg)(**{**cfg.to_dict(), "pool_dir": str(Path(pool_json).parent)})
+    return Trial(cfg, out_dir, ds_dir, progress=progress, epoch_callback=epoch_callback, run_id=run_id,
+                 group=group, sweep=sweep, track=track).run()
+
+
+class Trial:
+    def __init__(self, cfg, out_dir: Path, ds_dir: Path, *, progress, epoch_callback, run_id, group, sweep,
+                 track):
+        self.cfg, self.out_dir, self.ds_dir = cfg, out_dir, ds_dir
+        self.progress, self.epoch_callback, self.group, self.sweep, self.track = (
+            progress, epoch_callback, group, sweep, track)
+        self.hash = config_hash(cfg)
+        self.run_id = run_id or f"{cfg.method}-{cfg.dataset}-{self.hash}-s{cfg.seed}"
+        self.rank, self.world_size = world()
+        self.device = trial_device()
+        self.ckpt_dir = out_dir / "checkpoints"
+
+    # --- set-up ----------------------------------------------------------------------------------------
+    def _prepare_out_dir(self) -> dict | None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        args = self.out_dir / "args.yaml"
+        if args.exists():
+            import yaml
+
+            old = yaml.safe_load(args.read_text())
+            if config_hash(old) != self.hash or old.get("seed") != self.cfg.seed:
+                raise ValueError(f"{self.out_dir} holds a run with another config (args.yaml); "
+                                 f"use another --out or remove it")
+            done = self.out_dir / "result.json"
+            if done.exists():
+                result = json.loads(done.read_text())
+                if result.get("status") == "ok":
+                    return result  # finished before: nothing to redo
+        elif self.rank == 0:
+            save_config(self.cfg, args)
+        return None
+
+    def _build(self):
+        cfg = self.cfg
+        manifest = read_manifest(self.ds_dir)
+        self.manifest = manifest
+        num_classes = cfg.ways if self.method_cls.episodic else manifest["num_classes"]
+        backbone = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained,
+                                   image_size=cfg.image_size)
+        self.method = self.method_cls(cfg, backbone, num_classes)
+        model = self.method.model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = self.method.make_optimizer()
+        self.engine = build_engine(model, optimizer, cfg)
+
+    def _data(self):
+        cfg = self.cfg
+        per_rank = max(1, cfg.batch_size // self.world_size)
+        cap = None if cfg.max_train_samples is None else max(1, cfg.max_train_samples // self.world_size)
+        if self.method_cls.episodic:
+            from data_shards.episodes import EpisodeSampler
+
+            fewshot = self.manifest.get("fewshot", {})
+            base = cfg.base_classes or fewshot.get("base_classes") or list(range(self.manifest["num_classes"]))
+            novel = cfg.novel_classes or fewshot.get("novel_classes") or base
+            self.train_sampler = EpisodeSampler(self.ds_dir, "train", base, cfg.ways, cfg.shots, cfg.queries,
+                                                seed=cfg.seed, image_size=cfg.image_size)
+            self.val_sampler = self._val_sampler(base)
+            self.test_sampler = EpisodeSampler(self.ds_dir, "test", novel, cfg.ways, cfg.shots, cfg.queries,
+                                               seed=cfg.seed + 10_000, image_size=cfg.image_size)
+            self.steps_per_epoch = cfg.episodes_per_epoch
+            return
+        self.train_loader = make_loader(self.ds_dir, "train", per_rank, train=True, augment=cfg.augment,
+                                        image_size=cfg.image_size, shuffle_buffer=cfg.shuffle_buffer,
+                                        max_samples=cap, num_workers=cfg.num_workers, seed=cfg.seed)
+        self.steps_per_epoch = len(self.train_loader)
+        self.val = load_split(self.ds_dir, "val", max_samples=cfg.n_val, image_size=cfg.image_size)
+
+    def _val_sampler(self, classes):
+        """Validation episodes come from the held-out part of the training data, never the test set."""
+        from data_shards.episodes import EpisodeSampler
+
+        cfg = self.cfg
+        split = self.manifest["splits"].get("val")
+        if split is None:
+            return None
+        counts: dict[int, int] = {}
+        for shard_labels in split.get("labels", []):
+            for label in shard_labels:
+                counts[label] = counts.get(label, 0) + 1
+        usable = [c for c in classes if counts.get(c, 0) >= cfg.shots + 1]
+        if len(usable) < cfg.ways:
+            return None
+        queries = max(1, min(cfg.queries, min(counts[c] for c in usable) - cfg.shots))
+        return EpisodeSampler(self.ds_dir, "val", usable, cfg.ways, cfg.shots, queries, seed=1234,
+                              image_size=cfg.image_size)
+
+    def _train_batches(self):
+        cfg = self.cfg
+        cap = None if cfg.max_train_samples is None else max(1, cfg.max_train_samples // self.world_size)
+        loader = make_loader(self.ds_dir, "train", cfg.eval_batch_size, train=False, image_size=cfg.image_size,
+                             max_samples=cap)
+        for x, y in loader:
+            yield x.to(self.device), y.to(self.device)
+
+    # --- one epoch -------------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        ctx = TrainContext(epoch=epoch, steps_per_epoch=self.steps_per_epoch, device=self.device,
+                           train_batches=self._train_batches)
+        logs = dict(self.method.start_epoch(ctx))
+        self.engine.module.train()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        if self.method_cls.episodic:
+            batches = (self.train_sampler.sample(epoch * cfg.episodes_per_epoch + i)
+                       for i in range(cfg.episodes_per_epoch))
+        else:
+            batches = iter(self.train_loader)
+        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not self.progress or self.rank != 0)
+        for step, batch in enumerate(bar):
+            ctx.step = step
+            batch = [t.to(self.device) for t in batch]
+            if cfg.channels_last:
+                batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
+            batch = Episode(*batch) if self.method_cls.episodic else tuple(batch)
+            step_logs = self.method.train_step(self.engine, batch, ctx)
+            self.images_seen += (len(batch[0]) + len(batch[2]) if self.method_cls.episodic else len(batch[0])) \
+                * self.world_size
+            for k, v in step_logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_steps += 1
+            if "train_loss" in step_logs:
+                bar.set_postfix(loss=f"{step_logs['train_loss']:.3f}")
+        logs.update({k: v / max(1, n_steps) for k, v in sums.items()})
+        return logs
+
+    def _validate(self) -> dict[str, float]:
+        cfg = self.cfg
+        if self.method_cls.episodic:
+            if self.val_sampler is None:
+                return {}
+            from bench.fewshot import evaluate_fewshot
+
+            out = evaluate_fewshot(self.method, self.val_sampler, cfg.val_episodes, cfg, attack=False,
+                                   device=self.device, progress=False)
+            return {"val_fewshot_acc": out["clean_acc"]}
+        model = self.method.eval_model()
+        x, y = self.val
+        val = {"val_clean_acc": clean_accuracy(model, x, y, cfg.eval_batch_size, self.device)}
+        if cfg.val_pgd_steps > 0:
+            val["val_pgd_acc"] = pgd_accuracy(model, x, y, eps=cfg.eps, step_size=cfg.eval_step_size,
+                                              steps=cfg.val_pgd_steps, batch_size=cfg.eval_batch_size,
+                                              device=self.device)
+        return val
+
+    # --- the whole trial -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.method_cls = get_method(cfg.method)
+        done = self._prepare_out_dir()
+        if done is not None:
+            return done
+        seed_everything(cfg.seed)
+        t0 = time.time()
+        self._build()
+        self._data()
+        start_epoch, self.images_seen, train_s = 0, 0, 0.0
+        last = checkpoint_path(self.ckpt_dir, "last")
+        if last.exists():  # a killed trial resumes from its last finished epoch
+            state = load_checkpoint(last)
+            restore(self.engine, self.method, state)
+            start_epoch = state["epoch"] + 1
+            self.images_seen = state["extra"].get("images_seen", 0)
+            train_s = state["extra"].get("train_s", 0.0)
+        tracker = None
+        if self.track and self.rank == 0:
+            from bench.tracking import start_run
+
+            tracker = start_run(cfg.to_dict(), self.out_dir, run_id=self.run_id, name=self.run_id,
+                                group=self.group, tags=[cfg.method, cfg.dataset, cfg.backbone],
+                                job_type=cfg.method)
+        history = [h for h in self._load_history() if h["epoch"] < start_epoch]
+        bar = tqdm(desc=f"{cfg.method} on {cfg.dataset}", initial=start_epoch, total=cfg.epochs, unit="epoch",
+                   disable=not self.progress or self.rank != 0)
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # resumable randomness per epoch
+            t_epoch = time.time()
+            logs = self._train_epoch(epoch)
+            train_s += time.time() - t_epoch
+            val = self._validate()
+            decision = self.method.end_epoch(epoch, val)
+            row = {"epoch": epoch, **logs, **val, "lr": logs.get("lr", self.method.current_lr())}
+            history.append(row)
+            if decision.is_best:
+                save_checkpoint(self.engine, self.method, self.ckpt_dir, "best", epoch)
+            if decision.reload_best and checkpoint_path(self.ckpt_dir, "best").exists():
+                load_module_state(self.engine, load_checkpoint(checkpoint_path(self.ckpt_dir, "best"))["model"])
+            stop = decision.stop or epoch == cfg.epochs - 1
+            save_checkpoint(self.engine, self.method, self.ckpt_dir, "last", epoch,
+                            extra={"images_seen": self.images_seen, "train_s": train_s})
+            if self.rank == 0:
+                write_json_atomic(history, self.out_dir / "history.json")
+            if tracker is not None:
+                tracker.log(row, step=epoch)
+            if self.epoch_callback is not None:
+                self.epoch_callback(row, self.ckpt_dir)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in val.items()})
+            bar.update(1)
+            if stop:
+                break
+        bar.close()
+        best = checkpoint_path(self.ckpt_dir, "best")
+        selected_epoch = None
+        if best.exists():  # evaluate the checkpoint that validation selected
+            state = load_checkpoint(best)
+            load_module_state(self.engine, state["model"])
+            selected_epoch = state["epoch"]
+        t_eval = time.time()
+        result = self._evaluate()
+        eval_s = time.time() - t_eval
+        result.update({
+            "cost": {"wall_s": time.time() - t0, "train_s": train_s, "eval_s": eval_s,
+                     "device": _device_name(self.device),
+                     "images_per_s": self.images_seen / train_s if train_s > 0 else None},
+            "history": history,
+            "method_summary": {**self.method.summary(), "selected_epoch": selected_epoch},
+            "status": "ok",
+        })
+        if self.rank == 0:
+            write_json_atomic(result, self.out_dir / "result.json")
+        if tracker is not None:
+            for note in tracker.finish(_flat_summary(result)) or []:
+                print(note)
+        return result
+
+    def _load_history(self) -> list[dict]:
+        path = self.out_dir / "history.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def _evaluate(self) -> dict[str, Any]:
+        cfg = self.cfg
+        result: dict[str, Any] = {
+            "id": self.run_id, "method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
+            "seed": cfg.seed, "config": cfg.to_dict(), "config_hash": self.hash, "versions": versions(),
+        }
+        if self.sweep:
+            result["sweep"] = self.sweep
+        if self.method_cls.episodic:
+            from bench.fewshot import evaluate_fewshot
+
+            result["fewshot"] = evaluate_fewshot(self.method, self.test_sampler, cfg.episodes, cfg, attack=True,
+                                                 device=self.device, progress=self.progress)
+        else:
+            x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size)
+            result["metrics"] = robust_metrics(self.method.eval_model(), x, y, cfg, device=self.device,
+                                               progress=self.progress and self.rank == 0)
+        return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{torch.get_num_threads()}"
+
+
+def _flat_summary(result: dict) -> dict[str, float]:
+    out = {}
+    for block in ("metrics", "fewshot", "cost"):
+        for k, v in (result.get(block) or {}).items():
+            if isinstance(v, (int, float)):
+                out[f"{block}/{k}"] = v
+    return out
+
+
+def write_error_result(cfg: BaseConfig, out_dir: Path, exc: BaseException, sweep: dict | None = None) -> dict:
+    """A trial that raised is recorded with its error, so a sweep's other trials and the leaderboard go on."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"id": f"{cfg.method}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}", "method": cfg.method,
+              "dataset": cfg.dataset, "backbone": cfg.backbone, "seed": cfg.seed, "config": cfg.to_dict(),
+              "config_hash": config_hash(cfg), "status": "error", "error": f"{type(exc).__name__}: {exc}",
+              "traceback": traceback.format_exc()}
+    if sweep:
+        result["sweep"] = sweep
+    write_json_atomic(result, out_dir / "result.json")
+    return result

@@ -1,0 +1,165 @@
+"""Episodic (few-shot) sampling over webdataset shards, with random access by class.
+
+webdataset 1.0.2 ships no `wids`, so random access uses our own index: the manifest's per-shard label lists
+give class -> (shard, position); a tar header scan gives (position -> byte offset of each member), so one
+sample costs a seek and a read. Remote shards are fetched whole once and kept in memory. Decoded samples
+are cached for splits up to `cache_max` samples (the embedded digits: all of it).
+
+Fixed episodes: `ways` classes drawn among `classes`, `shots` support and `queries` query images per
+class, without overlap. Episode i depends only on (seed, i).
+
+variable=True follows Meta-Dataset's variable-way variable-shot sampler (Triantafillou et al. 2020),
+simplified: ways ~ U[min(5, n), min(50, n)] over the n usable classes; queries per class
+q = min(10, floor(n_min / 2)) with n_min the smallest chosen class; support budget
+|S| = min(500, sum_c ceil(beta * min(100, n_c - q))), beta ~ U(0, 1]; shots per class
+k_c = min(floor(R_c / sum R * (|S| - ways)) + 1, n_c - q) with R_c = exp(U[log 0.5, log 2]).
+`ways`, `shots`, `queries` are ignored in that mode.
+"""
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .manifest import file_location, read_manifest
+from .reader import ShardError, _split_name, _target_size, decode_sample, open_location
+
+
+class _ShardIndex:
+    """Random access to sample j of shard s by byte offsets from one header scan per shard."""
+
+    def __init__(self, ds, info, split):
+        self.ds, self.names = ds, info["splits"][split]["shards"]
+        self.remote = str(ds).startswith(("http://", "https://", "pipe:")) or "{}" in str(ds)
+        self._offsets, self._bytes = {}, {}
+
+    def _open(self, s):
+        loc = file_location(self.ds, self.names[s])
+        if self.remote:
+            if s not in self._bytes:
+                with open_location(loc) as f:
+                    self._bytes[s] = f.read()
+            return loc, io.BytesIO(self._bytes[s])
+        return loc, open(loc, "rb")
+
+    def _index(self, s):
+        if s not in self._offsets:
+            loc, f = self._open(s)
+            samples = []
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tf:
+                    cur = None
+                    for ti in tf.getmembers():
+                        if not ti.isreg():
+                            continue
+                        key, ext = _split_name(ti.name)
+                        if cur is None or cur["__key__"] != key:
+                            cur = {"__key__": key}
+                            samples.append(cur)
+                        cur[ext] = (ti.offset_data, ti.size)
+            except tarfile.TarError as e:
+                raise ShardError(f"corrupt shard {loc}: {e}") from e
+            finally:
+                f.close()
+            self._offsets[s] = samples
+        return self._offsets[s]
+
+    def read(self, s, j):
+        entries = self._index(s)
+        loc, f = self._open(s)
+        try:
+            if j >= len(entries):
+                raise ShardError(f"shard {loc} has {len(entries)} samples, the manifest index wants #{j}")
+            raw = {"__key__": entries[j]["__key__"]}
+            for ext, val in entries[j].items():
+                if ext == "__key__":
+                    continue
+                off, size = val
+                f.seek(off)
+                raw[ext] = f.read(size)
+                if len(raw[ext]) != size:
+                    raise ShardError(f"truncated shard {loc} at sample key {raw['__key__']}")
+        finally:
+            f.close()
+        return loc, raw
+
+
+class EpisodeSampler:
+    def __init__(self, ds_dir, split, classes, ways, shots, queries, seed=0, image_size=None, variable=False,
+                 cache_max: int = 20000):
+        self.ds = ds_dir if isinstance(ds_dir, str) else str(ds_dir)
+        self.info = read_manifest(self.ds)
+        if split not in self.info["splits"]:
+            raise KeyError(f"data set {self.info.get('name')} has no split {split!r}")
+        self.split, self.ways, self.shots, self.queries = split, int(ways), int(shots), int(queries)
+        self.seed, self.variable = int(seed), variable
+        self.size = _target_size(self.info, image_size)
+        s = self.info["splits"][split]
+        if "labels" not in s:
+            raise ValueError(f"manifest of {self.ds} has no per-shard label index; rebuild the shards")
+        self.pool: dict = {}  # class -> [(shard, position)]
+        for si, labels in enumerate(s["labels"]):
+            for j, c in enumerate(labels):
+                self.pool.setdefault(int(c), []).append((si, j))
+        need = 2 if variable else self.shots + self.queries
+        wanted = [int(c) for c in classes]
+        self.classes = [c for c in wanted if len(self.pool.get(c, [])) >= need]
+        min_ways = min(5, len(self.classes)) if variable else self.ways
+        if len(self.classes) < max(min_ways, 1 if variable else self.ways):
+            raise ValueError(f"{split}: only {len(self.classes)} of classes {wanted} have >= {need} samples; "
+                             f"an episode needs {self.ways} such classes")
+        self._index = _ShardIndex(self.ds, self.info, split)
+        self._cache = {} if s["num_samples"] <= cache_max else None
+
+    def _get(self, ref, label):
+        if self._cache is not None and ref in self._cache:
+            return self._cache[ref]
+        loc, raw = self._index.read(*ref)
+        x, y = decode_sample(raw, loc, self.size)
+        if y != label:
+            raise ShardError(f"sample {raw['__key__']} in shard {loc} has label {y}, the manifest index says {label}")
+        if self._cache is not None:
+            self._cache[ref] = x
+        return x
+
+    def _plan(self, rng):
+        """[(class, n_support, n_query)] for one episode."""
+        if not self.variable:
+            chosen = rng.choice(self.classes, self.ways, replace=False)
+            return [(int(c), self.shots, self.queries) for c in chosen]
+        n = len(self.classes)
+        ways = int(rng.integers(min(5, n), min(50, n) + 1))
+        chosen = [int(c) for c in rng.choice(self.classes, ways, replace=False)]
+        sizes = np.array([len(self.pool[c]) for c in chosen])
+        q = max(1, min(10, int(sizes.min()) // 2))
+        beta = 1.0 - rng.random()  # (0, 1]
+        budget = min(500, int(sum(math.ceil(beta * min(100, n_c - q)) for n_c in sizes)))
+        R = np.exp(rng.uniform(math.log(0.5), math.log(2.0), size=ways))
+        shots = np.minimum(np.floor(R / R.sum() * max(budget - ways, 0)).astype(int) + 1, sizes - q)
+        return [(c, int(k), q) for c, k in zip(chosen, shots)]
+
+    def sample(self, i: int):
+        """(support_x [S,3,H,W], support_y [S], query_x [Q,3,H,W], query_y [Q]); labels 0..ways-1."""
+        rng = np.random.default_rng([self.seed, int(i)])
+        sx, sy, qx, qy = [], [], [], []
+        for new, (c, k, q) in enumerate(self._plan(rng)):
+            picks = rng.choice(len(self.pool[c]), k + q, replace=False)  # disjoint support and query
+            refs = [self.pool[c][p] for p in picks]
+            sx += [self._get(r, c) for r in refs[:k]]
+            qx += [self._get(r, c) for r in refs[k:]]
+            sy += [new] * k
+            qy += [new] * q
+        return (torch.stack(sx), torch.tensor(sy, dtype=torch.long), torch.stack(qx),
+                torch.tensor(qy, dtype=torch.long))
+
+    def episode_classes(self, i: int) -> list:
+        """The original class ids of episode i, in relabelled order (for logging)."""
+        return [c for c, _, _ in self._plan(np.random.default_rng([self.seed, int(i)]))]
+
+    def episodes(self, n: int, start: int = 0) -> Iterator:
+        for i in range(start, start + n):
+            yield self.sample(i)

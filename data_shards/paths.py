@@ -1,0 +1,41 @@
+"""Where shards live: a root folder holding one sub-folder per data set, or a remote location."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from .manifest import MANIFEST
+
+REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
+
+
+def is_remote(location) -> bool:
+    """A location that is not a local folder (URL base, or a `pipe:` template with `{}` for the file name)."""
+    return isinstance(location, str) and location.startswith(REMOTE_PREFIXES)
+
+
+def default_root() -> Path:
+    """`$BENCH_SHARDS` when set, else `./shards` (absolute, so Ray workers in other cwd find it)."""
+    env = os.environ.get("BENCH_SHARDS")
+    return Path(env).expanduser().resolve() if env else (Path.cwd() / "shards").resolve()
+
+
+def dataset_dir(name_or_path: Union[str, os.PathLike], root: Optional[Union[str, os.PathLike]] = None):
+    """Resolve a data set name (under `root`) or a folder holding `_info.json` to its folder.
+
+    Remote locations (http(s) base URLs, `pipe:` templates) are returned unchanged as strings.
+    """
+    if is_remote(name_or_path):
+        return str(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return p.resolve()
+    base = Path(root).expanduser().resolve() if root is not None else default_root()
+    d = base / str(name_or_path)
+    if not (d / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"no shards for data set '{name_or_path}' under {base}; "
+            f"build them with: python -m bench shards make {name_or_path}"
+        )
+    return d

@@ -1,0 +1,342 @@
+"""Streaming readers over webdataset shards.
+
+We decode only `png`/`jpg`/`cls`, by hand: webdataset's default decoders would unpickle `.pyd`/`.pickle`
+keys, so any other key is an error. Images become float32 CHW tensors in [0, 1]; normalisation belongs to
+the model so that attacks work in pixel space.
+
+Locations (`ds_dir`): a local folder, an `http(s)://` base URL (manifest and shards fetched from
+`BASE/_info.json`, `BASE/{shard}`), or a template containing `{}` replaced by the file name, for example
+`pipe:aws s3 cp s3://bucket/digits/{} -` for object stores.
+
+Multi-node: with train=True shards are split by node (torch.distributed rank or RANK/WORLD_SIZE) then by
+DataLoader worker, so one epoch sees each sample once across all of them (needs >= nodes*workers shards to
+keep everyone busy). With `resampled=True` every node/worker draws shards with replacement from its own
+seeded stream and an epoch is a fixed `epoch_len` samples per node: no shard count constraint.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import random
+import tarfile
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .manifest import file_location, read_manifest
+
+ALLOWED_KEYS = {"__key__", "png", "jpg", "jpeg", "cls"}
+
+
+def _remote(loc) -> bool:
+    return isinstance(loc, str) and (loc.startswith(("http://", "https://", "pipe:")) or "{}" in loc)
+
+
+def _seed_of(key) -> int:
+    # hash() of a str differs between processes (PYTHONHASHSEED); sha256 does not
+    return int(hashlib.sha256(str(key).encode()).hexdigest()[:15], 16)
+
+
+class ShardError(RuntimeError):
+    """A shard or a sample in it cannot be read; the message names the shard and the sample key."""
+
+
+def open_location(loc: str):
+    if loc.startswith(("http://", "https://")):
+        return urllib.request.urlopen(loc, timeout=60)
+    if loc.startswith("pipe:"):
+        import webdataset as wds
+
+        return wds.gopen(loc, "rb")
+    return open(loc, "rb")
+
+
+def _split_name(fname: str):
+    # webdataset convention: key = path up to the first dot of the base name
+    d, _, base = fname.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (d + "/" + stem if d else stem), ext.lower()
+
+
+def iter_shard(loc: str, expected: Optional[int] = None, limit: Optional[int] = None) -> Iterator[dict]:
+    """Raw samples (dicts of bytes) of one shard, in order. Stops after `limit` samples.
+
+    A truncated shard is caught two ways: tarfile errors mid-member, and a sample count that differs from
+    the manifest's `expected` (a cut exactly at a member boundary reads as a clean, shorter tar).
+    """
+    last = None
+    n = 0
+    try:
+        f = open_location(loc)
+    except Exception as e:
+        raise ShardError(f"cannot open shard {loc}: {e}") from e
+    try:
+        cur = None
+        with tarfile.open(fileobj=f, mode="r|") as tf:
+            for ti in tf:
+                if not ti.isreg():
+                    continue
+                key, ext = _split_name(ti.name)
+                data = tf.extractfile(ti).read()
+                if cur is not None and cur["__key__"] != key:
+                    yield cur
+                    n += 1
+                    if limit is not None and n >= limit:
+                        return
+                    cur = None
+                if cur is None:
+                    cur = {"__key__": key}
+                    last = key
+                cur[ext] = data
+        if cur is not None:
+            yield cur
+            n += 1
+    except ShardError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise ShardError(f"corrupt or truncated shard {loc} (at sample key {last}): {e}") from e
+    finally:
+        f.close()
+    if expected is not None and n != expected and (limit is None or n < limit):
+        raise ShardError(f"shard {loc} holds {n} samples where the manifest says {expected} "
+                         f"(truncated?); last sample key {last}")
+
+
+def _fit(im: Image.Image, size) -> Image.Image:
+    """Resize so that the image covers `size` (H, W), then center-crop: a plain resize when aspects agree."""
+    H, W = size
+    if (im.height, im.width) == (H, W):
+        return im
+    s = max(H / im.height, W / im.width)
+    nh, nw = max(H, round(im.height * s)), max(W, round(im.width * s))
+    im = im.resize((nw, nh), Image.BILINEAR)
+    top, left = (nh - H) // 2, (nw - W) // 2
+    return im.crop((left, top, left + W, top + H))
+
+
+def decode_sample(sample: dict, loc: str, size=None):
+    """(float32 CHW tensor in [0,1], int label) from a raw sample; errors name the shard and the key."""
+    key = sample.get("__key__")
+    bad = set(sample) - ALLOWED_KEYS
+    if bad:
+        raise ShardError(f"sample {key} in shard {loc} has keys {sorted(bad)}: only png/jpg/cls are decoded "
+                         f"(never pickle)")
+    try:
+        data = sample.get("png") or sample.get("jpg") or sample.get("jpeg")
+        if data is None:
+            raise ValueError("no png/jpg image")
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        if size is not None:
+            im = _fit(im, size)
+        x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float().div_(255.0)
+        y = int(sample["cls"].decode("ascii"))
+    except Exception as e:
+        raise ShardError(f"cannot decode sample {key} in shard {loc}: {e}") from e
+    return x, y
+
+
+def _target_size(info: dict, image_size):
+    if image_size is not None:
+        return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if info.get("image_size"):
+        return tuple(info["image_size"])
+    raise ValueError(f"data set {info.get('name')} has images of varying size: pass image_size")
+
+
+def _shard_plan(ds, info: dict, split: str, max_samples: Optional[int]):
+    """[{url, expected, limit}] in order; with max_samples only the first max_samples samples (a fixed subset)."""
+    if split not in info["splits"]:
+        raise KeyError(f"data set {info.get('name')} has no split {split!r}; it has {sorted(info['splits'])}")
+    s = info["splits"][split]
+    plan, left = [], (max_samples if max_samples is not None else math.inf)
+    for name, n in zip(s["shards"], s["shard_lengths"]):
+        if left <= 0:
+            break
+        take = n if left >= n else int(left)
+        plan.append({"url": file_location(ds, name), "expected": n, "limit": None if take == n else take})
+        left -= take
+    return plan
+
+
+def num_samples(ds_dir, split: str) -> int:
+    return int(read_manifest(ds_dir)["splits"][split]["num_samples"])
+
+
+def load_split(ds_dir, split: str, max_samples: Optional[int] = None, image_size=None):
+    """The first N samples in shard order, eagerly: (X float [N,3,H,W], Y long [N])."""
+    info = read_manifest(ds_dir)
+    size = _target_size(info, image_size)
+    xs, ys = [], []
+    for sh in _shard_plan(ds_dir, info, split, max_samples):
+        for s in iter_shard(sh["url"], sh["expected"], sh["limit"]):
+            x, y = decode_sample(s, sh["url"], size)
+            xs.append(x)
+            ys.append(y)
+    if not xs:
+        return torch.zeros(0, 3, *size), torch.zeros(0, dtype=torch.long)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip (the CIFAR recipe), on the float tensor."""
+    _, H, W = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+    x = xp[:, i:i + H, j:j + W]
+    if torch.rand((), generator=g).item() < 0.5:
+        x = x.flip(-1)
+    return x.contiguous()
+
+
+class _Pipeline:
+    """Per-epoch stages (plain generator functions) composed with webdataset's DataPipeline."""
+
+    def __init__(self, ds, plan, size, train, augment, shuffle_buffer, seed, epoch, resampled, chunk):
+        self.ds, self.plan, self.size, self.train, self.augment = ds, plan, size, train, augment
+        self.shuffle_buffer, self.seed, self.epoch, self.resampled, self.chunk = (
+            shuffle_buffer, seed, epoch, resampled, chunk)
+
+    def _rng_key(self):
+        import webdataset as wds
+
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        return (self.seed, self.epoch, rank, worker)
+
+    def shards(self):
+        plan = list(self.plan)
+        if self.resampled:
+            # infinite, with replacement, its own stream per node and worker; the loader cuts at epoch_len
+            rng = random.Random(str(self._rng_key()))
+            while True:
+                yield dict(rng.choice(plan))
+        if self.train:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(plan)  # same order on every node/worker
+        yield from plan
+
+    def decode(self, src):
+        for sh in src:
+            for s in iter_shard(sh["url"], sh["expected"], sh["limit"]):
+                yield decode_sample(s, sh["url"], self.size)
+
+    def shuffle(self, src):
+        rng = random.Random(str(self._rng_key()))
+        buf = []
+        for item in src:
+            buf.append(item)
+            if len(buf) >= self.shuffle_buffer:
+                k = rng.randrange(len(buf))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def augment_stage(self, src):
+        g = torch.Generator().manual_seed(_seed_of(self._rng_key()))
+        for x, y in src:
+            yield _augment(x, g), y
+
+    def batch(self, src):
+        xs, ys = [], []
+        for x, y in src:
+            xs.append(x)
+            ys.append(y)
+            if len(xs) >= self.chunk:
+                yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+                xs, ys = [], []
+        if xs:
+            yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+    def build(self):
+        import webdataset as wds
+
+        stages = [self.shards]
+        if self.train and not self.resampled:
+            stages += [wds.split_by_node, wds.split_by_worker]
+        stages.append(self.decode)
+        if self.train and self.shuffle_buffer > 1:
+            stages.append(self.shuffle)
+        if self.augment:
+            stages.append(self.augment_stage)
+        stages.append(self.batch)
+        return wds.DataPipeline(*stages)
+
+
+class ShardLoader:
+    """Re-iterable: each `iter()` is one epoch of (x float32 [B,3,H,W], y int64 [B]); len() = batches."""
+
+    def __init__(self, ds_dir, split, batch_size, *, train=False, augment=False, image_size=None,
+                 shuffle_buffer=2000, max_samples=None, num_workers=0, seed=0, resampled=False,
+                 epoch_len=None, drop_last=False):
+        self.ds = ds_dir if _remote(ds_dir) else str(Path(ds_dir))
+        self.info = read_manifest(self.ds)
+        self.split, self.batch_size = split, int(batch_size)
+        self.train, self.augment = train, augment
+        self.size = _target_size(self.info, image_size)
+        self.shuffle_buffer, self.num_workers, self.seed = shuffle_buffer, num_workers, seed
+        self.resampled, self.drop_last = resampled, drop_last
+        self.plan = _shard_plan(self.ds, self.info, split, max_samples)
+        total = sum(p["limit"] if p["limit"] is not None else p["expected"] for p in self.plan)
+        if resampled:
+            if not epoch_len:
+                raise ValueError("resampled=True needs epoch_len (samples per epoch per node)")
+            total = int(epoch_len)
+        elif train:
+            import webdataset as wds
+
+            rank, world, _, _ = wds.utils.pytorch_worker_info()
+            if world > 1:  # split by node: this node sees its share of the shards (shuffled: about that many)
+                total = sum(p["limit"] or p["expected"] for p in self.plan[rank::world])
+        self.samples_per_epoch = total
+        self.epoch = 0
+
+    def __len__(self):
+        n = self.samples_per_epoch
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _batches(self, pipe):
+        if self.num_workers > 0:
+            return iter(torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=self.num_workers,
+                                                    persistent_workers=False))
+        return iter(pipe)
+
+    def __iter__(self):
+        pipe = _Pipeline(self.ds, self.plan, self.size, self.train, self.augment, self.shuffle_buffer,
+                         self.seed, self.epoch, self.resampled, chunk=self.batch_size).build()
+        self.epoch += 1  # a different shuffle next epoch, reproducible from (seed, epoch)
+        left = self.samples_per_epoch
+        # workers hand over partial chunks at shard ends; re-batch here so every batch but the last is full
+        bx, by, have = [], [], 0
+        for x, y in self._batches(pipe):
+            if left <= 0:
+                break
+            if len(y) > left:
+                x, y = x[:left], y[:left]
+            left -= len(y)
+            bx.append(x)
+            by.append(y)
+            have += len(y)
+            while have >= self.batch_size:
+                X, Y = torch.cat(bx), torch.cat(by)
+                yield X[:self.batch_size], Y[:self.batch_size]
+                bx, by, have = [X[self.batch_size:]], [Y[self.batch_size:]], have - self.batch_size
+        if have and not self.drop_last:
+            yield torch.cat(bx), torch.cat(by)
+
+
+def make_loader(ds_dir, split, batch_size, *, train=False, augment=False, image_size=None, shuffle_buffer=2000,
+                max_samples=None, num_workers=0, seed=0, resampled=False, epoch_len=None, drop_last=False):
+    """See ShardLoader; train=False reads in deterministic shard order (so 'first n' is well defined)."""
+    return ShardLoader(ds_dir, split, batch_size, train=train, augment=augment, image_size=image_size,
+                       shuffle_buffer=shuffle_buffer, max_samples=max_samples, num_workers=num_workers,
+                       seed=seed, resampled=resampled, epoch_len=epoch_len, drop_last=drop_last)

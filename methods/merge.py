@@ -1,0 +1,104 @@
+"""AMT's test-time merging of a LoRA pool (Algorithm 2; the reference's ``protonet_merge.forward_router``).
+
+Per episode: each member p is scored on the support set (augmented support against clean-support
+prototypes, ``s_p = lam * intra - (1 - lam) * inter``), weighted ``w_p = exp(beta (s_p - 1))`` over the
+top-k members and renormalised, and the network runs with ``W = W_res + sum_p w_p s B_p A_p`` at every
+adapted layer, optionally with singular-value trimming (rank ``floor(rho * min(m, n))``) of the merged
+weights.
+
+Nothing here edits the model: merged weights are parameter overrides for ``torch.func.functional_call``.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+from methods.lora_svd import lora_sites, site_delta, site_keys
+
+
+def merge_weights(scores: torch.Tensor, beta: float, top_k: int) -> torch.Tensor:
+    """``w = exp(beta (s - 1))`` kept on the top-k scores, renormalised to sum 1 (zeros elsewhere)."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    k = max(1, min(int(top_k), scores.numel()))
+    idx = scores.topk(k).indices
+    logits = beta * (scores[idx] - 1.0)
+    w = torch.zeros_like(scores)
+    w[idx] = torch.softmax(logits, 0)  # exp(beta(s-1)) / sum: the same, computed stably
+    return w.float()
+
+
+def trim_rank(W: torch.Tensor, rho: float) -> torch.Tensor:
+    """Best rank ``floor(rho * min(m, n))`` approximation of ``W`` (convs over (out, in*k*k)); rho >= 1: ``W``."""
+    if rho >= 1.0:
+        return W
+    W2 = W.reshape(W.shape[0], -1).float()
+    q = max(1, int(math.floor(rho * min(W2.shape))))
+    U, S, Vh = torch.linalg.svd(W2, full_matrices=False)
+    return ((U[:, :q] * S[:q]) @ Vh[:q]).reshape(W.shape).to(W.dtype)
+
+
+def merged_overrides(root: torch.nn.Module, members: list[dict[str, torch.Tensor]], weights,
+                     prefix: str = "", rho: float = 1.0, trim_pattern: str = ".*") -> dict[str, torch.Tensor]:
+    """Parameter overrides (names relative to the module ``functional_call`` runs) realising the merge.
+
+    ``root`` is the module holding the LoRA sites; ``prefix`` is its name inside the called module;
+    ``members`` are member states keyed like the called module's parameters. Each site's base weight
+    becomes ``W_res + sum_p w_p delta_p`` (trimmed when rho < 1 and the site matches ``trim_pattern``)
+    and its LoRA ``B`` becomes zero, so the LoRA branch adds nothing.
+    """
+    weights = [float(w) for w in weights]
+    out: dict[str, torch.Tensor] = {}
+    for name, m in lora_sites(root).items():
+        keys = {k: prefix + v for k, v in site_keys(name, m).items()}
+        W = root.get_parameter(site_keys(name, m)["W"]).detach()
+        merged = W.clone()
+        for w, state in zip(weights, members):
+            if w != 0.0:
+                merged = merged + w * site_delta(m, state[keys["A"]].to(W), state[keys["B"]].to(W))
+        if rho < 1.0 and re.fullmatch(trim_pattern, name):
+            merged = trim_rank(merged, rho)
+        out[keys["W"]] = merged
+        out[keys["B"]] = torch.zeros_like(root.get_parameter(site_keys(name, m)["B"]))
+    return out
+
+
+def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.9,
+                 translation: float = 0.125) -> torch.Tensor:
+    """DiffAugment's color (brightness, saturation, contrast) and translation, each sample with prob. ``p``."""
+    n = x.shape[0]
+    g = dict(generator=generator, device="cpu")
+
+    def r(*shape):
+        return torch.rand(*shape, **g).to(x)
+
+    y = x + (r(n, 1, 1, 1) - 0.5)
+    mean = y.mean(1, keepdim=True)
+    y = (y - mean) * (r(n, 1, 1, 1) * 2) + mean
+    mean = y.mean([1, 2, 3], keepdim=True)
+    y = (y - mean) * (r(n, 1, 1, 1) + 0.5) + mean
+    H, W = x.shape[-2:]
+    sh, sw = int(H * translation + 0.5), int(W * translation + 0.5)
+    tx = torch.randint(-sh, sh + 1, (n,), **g)
+    ty = torch.randint(-sw, sw + 1, (n,), **g)
+    padded = F.pad(y, [1, 1, 1, 1])
+    rows = (torch.arange(H).view(1, H, 1) + tx.view(n, 1, 1) + 1).clamp(0, H + 1).to(x.device)
+    cols = (torch.arange(W).view(1, 1, W) + ty.view(n, 1, 1) + 1).clamp(0, W + 1).to(x.device)
+    bidx = torch.arange(n, device=x.device).view(n, 1, 1)
+    y = padded.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)
+    keep = (r(n, 1, 1, 1) < p).to(x.dtype)
+    return keep * y + (1 - keep) * x
+
+
+def support_score(feats_clean: torch.Tensor, feats_aug: torch.Tensor, support_y: torch.Tensor, ways: int,
+                  lam: float) -> float:
+    """``lam * intra - (1 - lam) * inter``: mean cosine of augmented support to its own clean prototype,
+    and to the other ways' prototypes."""
+    onehot = F.one_hot(support_y, ways).to(feats_clean)
+    protos = (onehot.t() @ feats_clean) / onehot.sum(0).clamp_min(1).unsqueeze(1)
+    cos = F.normalize(feats_aug, dim=-1) @ F.normalize(protos, dim=-1).t()  # [Ns, ways]
+    intra = (cos * onehot).sum(1).mean()
+    inter = ((cos * (1 - onehot)).sum(1) / max(ways - 1, 1)).mean() if ways > 1 else cos.new_zeros(())
+    return float(lam * intra - (1 - lam) * inter)

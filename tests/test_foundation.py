@@ -1,0 +1,139 @@
+"""The spine: config resolution, pgd_linf, AutoAttack, the DeepSpeed engine, backbones."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench.config import ConfigError, config_hash, resolve_config
+from bench.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
+from methods import list_methods
+from methods.attacks import pgd_linf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("overrides, field, expected", [
+    ({"eps": "8/255"}, "eps", 8 / 255),
+    ({"epochs": "3"}, "epochs", 3),
+    ({"n_eval": "null"}, "n_eval", None),
+    ({"bf16": "true"}, "bf16", True),
+    ({"lr_milestones": "[0.3, 0.6]"}, "lr_milestones", [0.3, 0.6]),
+])
+def test_set_overrides_are_typed(overrides, field, expected):
+    assert getattr(resolve_config("rft", overrides), field) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("method, overrides, message", [
+    ("nope", {}, "unknown method 'nope'; valid: "),
+    ("rft", {"epoch": "1"}, "unknown config field 'epoch'"),
+    ("rft", {"eps": "8"}, "eps=8.0 is outside [0, 1]"),
+    ("rft", {"epochs": "two"}, "epochs='two' is not a valid int"),
+    ("rft", {"autoattack_version": "fast"}, "valid: standard, plus, rand, apgd-ce, off"),
+])
+def test_bad_config_is_one_line_error(method, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(method, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_hash_ignores_seed_and_speed_switches():
+    a = resolve_config("rft", {"seed": "0"})
+    assert config_hash(a) == config_hash(resolve_config("rft", {"seed": "1", "num_workers": "2"}))
+    assert config_hash(a) != config_hash(resolve_config("rft", {"eps": "4/255"}))
+
+
+def test_baselines_registered():
+    assert {"rft", "ft"} <= set(list_methods())
+
+
+def _tiny_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+
+def test_pgd_raises_loss_stays_in_ball_and_computes_no_param_grads():
+    model = _tiny_classifier()
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    eps = 8 / 255
+    x_adv = pgd_linf(model, x, y, eps=eps, step_size=2 / 255, steps=10)
+    loss = nn.functional.cross_entropy
+    assert loss(model(x_adv), y) > loss(model(x), y)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_robust_accuracy_ordering_and_autoattack_runs():
+    model = _tiny_classifier()
+    x = torch.rand(32, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample correct when clean
+    assert clean_accuracy(model, x, y) == 1.0
+    pgd = pgd_accuracy(model, x, y, eps=16 / 255, step_size=4 / 255, steps=10)
+    aa = autoattack_accuracy(model, x, y, eps=16 / 255, version="apgd-ce")
+    assert 0.0 <= aa <= 1.0 and pgd < 1.0
+    assert aa <= pgd + 0.1  # APGD is at least about as strong as PGD
+    assert autoattack_accuracy(model, x, y, eps=8 / 255, version="off") is None
+
+
+def test_embedded_backbone_loads_pretrained_weights():
+    from bench.backbones import create_backbone
+
+    a = create_backbone("cifar_resnet18_aa", num_classes=10)
+    b = create_backbone("cifar_resnet18_aa", num_classes=10)
+    # same shipped weights in both, fresh heads; features are deterministic
+    x = torch.rand(2, 3, 32, 32)
+    a.eval(), b.eval()
+    assert torch.allclose(a.features(x), b.features(x))
+    assert a.features(x).shape == (2, 512)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("not_a_model_xyz", 10)
+
+
+def _plain_step():
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    from ds_step import batch, make_model
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return model.state_dict()
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.parametrize("nproc, stage", [(1, 0), (2, 2)])
+def test_deepspeed_step_matches_plain_pytorch(tmp_path, nproc, stage):
+    out = tmp_path / "w.pt"
+    script = str(ROOT / "tests" / "scripts" / "ds_step.py")
+    if nproc == 1:
+        cmd = [sys.executable, script, str(out), str(stage)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), script, str(out), str(stage)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    want = _plain_step()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-5), k
+
+
+def _free_port():
+    from bench.engine import free_port
+
+    return free_port()

@@ -1,0 +1,246 @@
+"""bench.leaderboard from hand-written result.json fixtures with known numbers."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from bench import leaderboard as lb
+
+FIX = Path(__file__).parent / "fixtures" / "leaderboard"
+
+
+@pytest.fixture(autouse=True)
+def _wandb_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for k in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "BENCH_WANDB"):
+        monkeypatch.delenv(k, raising=False)
+    (tmp_path / "wandb_dir").mkdir()
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    out = tmp_path_factory.mktemp("board")
+    problems: list = []
+    rows = lb.build_leaderboard(FIX, out, console=False, problems=problems)
+    return rows, problems, out
+
+
+def _row(rows, dataset, method):
+    (r,) = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
+    return r
+
+
+def test_ranking_and_seed_aggregation(board):
+    rows, _, _ = board
+    assert len(rows) == 8
+    digits = [r["method"] for r in rows if r["dataset"] == "digits"]
+    assert digits == ["autolora", "rft", "vanilla", "amt"]  # by AutoAttack accuracy
+    assert [r["rank"] for r in rows if r["dataset"] == "digits"] == [1, 2, 3, 4]
+    al = _row(rows, "digits", "autolora")
+    assert al["n"] == 3 and al["seeds"] == "0,1,2"
+    assert al["robust_metric"] == "AutoAttack"
+    assert al["clean_acc"] == pytest.approx(np.mean([0.88, 0.89, 0.90]))
+    assert al["clean_acc_std"] == pytest.approx(np.std([0.88, 0.89, 0.90], ddof=1))
+    assert al["robust_acc"] == pytest.approx(0.51) and al["autoattack_acc"] == pytest.approx(0.51)
+    assert al["pgd_acc"] == pytest.approx(0.54) and al["pgd_steps"] == 10
+    assert al["autoattack_version"] == "standard" and al["n_eval"] == 100 and al["device"] == "cpu"
+    amt = _row(rows, "digits", "amt")
+    assert amt["n"] == 1 and amt["clean_acc_std"] is None
+    # PGD is the robust metric where AutoAttack is absent; AA stays absent, never 0
+    c = _row(rows, "cifar10", "amt")
+    assert c["robust_metric"] == "PGD" and c["autoattack_acc"] is None and c["rank"] == 1
+    # few-shot rows use the episodic accuracies
+    fs = _row(rows, "cub", "autolora")
+    assert fs["kind"] == "fewshot" and fs["robust_acc"] == pytest.approx(0.355)
+    assert fs["fs_adv_ci95"] == pytest.approx(0.03) and fs["fs_setting"].startswith("5-way 1-shot")
+
+
+def test_welch_t_test_matches_scipy(board):
+    rows, _, _ = board
+    al = _row(rows, "digits", "autolora")
+    ref = stats.ttest_ind([0.50, 0.52, 0.51], [0.38, 0.40, 0.39], equal_var=False)
+    assert al["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert al["t_stat"] == pytest.approx(ref.statistic, rel=1e-9)
+    assert al["vs_baseline"] == "better"
+    va = _row(rows, "digits", "vanilla")
+    ref = stats.ttest_ind([0.37, 0.39], [0.38, 0.40, 0.39], equal_var=False)
+    assert va["p_value"] == pytest.approx(ref.pvalue) and va["vs_baseline"] == "n.s."
+    assert _row(rows, "digits", "amt")["vs_baseline"] == "n<2"
+    assert _row(rows, "digits", "rft")["vs_baseline"] == "baseline"
+    assert _row(rows, "cifar10", "amt")["vs_baseline"] == "n<2"
+    fs = _row(rows, "cub", "autolora")  # few-shot baseline is pmf
+    ref = stats.ttest_ind([0.35, 0.36], [0.30, 0.32], equal_var=False)
+    assert fs["p_value"] == pytest.approx(ref.pvalue)
+    assert fs["vs_baseline"] == ("better" if ref.pvalue < 0.05 else "n.s.")
+    assert _row(rows, "cub", "pmf")["vs_baseline"] == "baseline"
+
+
+def test_pareto_front(board):
+    rows, _, _ = board
+    front = {r["method"] for r in rows if r["dataset"] == "digits" and r["pareto"]}
+    assert front == {"autolora", "rft", "amt"}  # vanilla is dominated by rft
+    assert {r["method"] for r in rows if r["dataset"] == "cifar10" and r["pareto"]} == {"amt"}
+    assert lb.pareto_front([(0.9, 0.4), (0.8, 0.5), (0.7, 0.3), (0.9, 0.4)]) == [True, True, False, True]
+
+
+def test_malformed_results_reported_and_skipped(board, capsys):
+    rows, problems, out = board
+    by = {Path(p).parent.name: why for p, why in problems}
+    assert set(by) == {"notjson", "nomethod", "failed", "missing"}
+    assert "JSON" in by["notjson"] and "method" in by["nomethod"]
+    assert "boom" in by["failed"] and "missing" in by["missing"]
+    assert not any("broken" in p for r in rows for p in r["paths"])
+    md = (out / "leaderboard.md").read_text()
+    assert "broken/notjson/result.json" in md
+    # the console output names them too
+    lb.build_leaderboard(FIX, out / "again", console=True)
+    printed = capsys.readouterr().out
+    assert "notjson" in printed and "autolora" in printed
+
+
+def test_output_files(board):
+    rows, _, out = board
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "pareto.png", "curves.png",
+                 "params.png"):
+        assert (out / name).stat().st_size > 0, name
+    import csv
+    with open(out / "leaderboard.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [t["method"] for t in table] == [r["method"] for r in rows]
+    assert float(table[0]["robust_acc"]) == pytest.approx(rows[0]["robust_acc"])
+    page = (out / "leaderboard.html").read_text()
+    assert "http://" not in page and "https://" not in page  # self-contained, no network
+    assert "data:image/png;base64," in page
+
+
+def test_cli_subcommand(tmp_path):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd")
+    lb.add_parser(sub)
+    args = parser.parse_args(["leaderboard", str(FIX), "--out", str(tmp_path / "o")])
+    assert args.func(args) == 0
+    assert (tmp_path / "o" / "leaderboard.md").exists()
+    args = parser.parse_args(["leaderboard", str(tmp_path / "nope")])
+    assert args.func(args) == 2
+
+
+def test_offline_wandb_leaderboard_run_contains_rows(tmp_path):
+    notes: list = []
+    rows = lb.build_leaderboard(FIX, tmp_path, wandb_log=True, console=False, notes=notes)
+    assert any("wandb sync" in n for n in notes), notes
+    (run_dir,) = list((tmp_path / "wandb").glob("offline-run-*"))
+    tables = list((run_dir / "files" / "media" / "table").glob("leaderboard_*.table.json"))
+    assert len(tables) == 1
+    t = json.loads(tables[0].read_text())
+    cols = t["columns"]
+    got = [dict(zip(cols, d)) for d in t["data"]]
+    assert [(g["dataset"], g["method"]) for g in got] == [(r["dataset"], r["method"]) for r in rows]
+    al = [g for g in got if g["dataset"] == "digits" and g["method"] == "autolora"][0]
+    assert al["robust_acc"] == pytest.approx(0.51) and al["n"] == 3 and al["vs_baseline"] == "better"
+    assert list((run_dir / "files" / "media" / "images").glob("pareto_*.png"))
+    # the run record itself (the .wandb transaction log) names the leaderboard job and the sweep group
+    from bench.tracking import read_wandb_file
+    recs = read_wandb_file(next(run_dir.glob("run-*.wandb")))
+    runrec = [r.run for r in recs if r.WhichOneof("record_type") == "run"][0]
+    assert runrec.job_type == "leaderboard" and runrec.run_group == "smoke"
+
+
+def test_wandb_report_spec_offline(tmp_path):
+    notes: list = []
+    lb.build_leaderboard(FIX, tmp_path, wandb_report=True, console=False, notes=notes)
+    spec_file = tmp_path / "wandb_report.json"
+    assert spec_file.exists(), notes
+    spec = json.loads(spec_file.read_text())
+    assert spec["saved"] is False
+    blocks = spec["report"]["spec"]["blocks"]
+    grids = [b for b in blocks if b["type"] == "panel-grid"]
+    panels = [p for g in grids for p in g["metadata"]["panelBankSectionConfig"]["panels"]]
+    kinds = [p["viewType"] for p in panels]
+    assert "Weave" in kinds and "Parallel Coordinates Plot" in kinds and "Run Comparer" in kinds
+    text = json.dumps(spec)
+    assert '"leaderboard"' in text  # the summary table panel reads the leaderboard table
+    scatters = [p["config"] for p in panels if p["viewType"] == "Scatter Plot"]
+    titles = {s["chartTitle"].split(":")[0] for s in scatters}
+    assert titles == {"digits", "cifar10", "cub"}  # one clean-vs-robust scatter per data set
+    assert {"xAxis": "summary:clean_acc", "yAxis": "summary:autoattack_acc"}.items() <= scatters[0].items() or \
+        any(s.get("yAxis") in ("summary:autoattack_acc", "summary:pgd_acc") for s in scatters)
+    pc = [p["config"] for p in panels if p["viewType"] == "Parallel Coordinates Plot"][0]
+    assert {"accessor": "config:lr.value"} in pc["columns"]  # the swept setting
+    groupings = [rs.get("grouping") for g in grids for rs in g["metadata"]["runSets"] if rs.get("grouping")]
+    assert any(gr[0]["name"].startswith("method") for gr in groupings)
+    # the specification round-trips into a Report that can be saved later
+    rep = lb.load_report_spec(spec_file)
+    assert rep.title == "Robust LoRA leaderboard" and len(rep.blocks) >= 5
+
+
+def _chromium() -> str | None:
+    for c in ("chromium", "chromium-browser", "google-chrome"):
+        p = shutil.which(c)
+        if p:
+            return p
+    return None
+
+
+def _dump_dom(browser: str, page: Path, profile: Path) -> str:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--disable-sync",
+           "--disable-dev-shm-usage", "--mute-audio", f"--user-data-dir={profile}",
+           "--virtual-time-budget=3000", "--dump-dom", page.as_uri()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(profile)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def _order(dom: str) -> list[tuple[str, float]]:
+    body = dom.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    out = []
+    for tr in re.findall(r"<tr[^>]*>.*?</tr>", body, flags=re.S):
+        method = re.search(r'data-method="([^"]*)"', tr).group(1)
+        cells = re.findall(r'<td[^>]*data-sort="([^"]*)"', tr)
+        out.append((method, cells))
+    return out
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (make browser installs Debian's)")
+def test_html_sorts_in_headless_chromium(board, tmp_path):
+    rows, _, out = board
+    browser = _chromium()
+    page = (out / "leaderboard.html").read_text()
+    heads = re.findall(r"<th data-key='([^']+)'", page)
+    ci = heads.index("clean_acc")
+    # 1) the page as written loads and shows every row in leaderboard order
+    plain = tmp_path / "plain.html"
+    plain.write_text(page)
+    dom = _dump_dom(browser, plain, tmp_path / "p1")
+    base = _order(dom)
+    assert [m for m, _ in base] == [r["method"] for r in rows]
+    # 2) a click on the "clean" header (the page's own handler) sorts ascending; a second click descending
+    click = ("<script>var th=document.querySelector(\"th[data-key='clean_acc']\");th.click();"
+             "document.body.setAttribute('data-first', Array.prototype.map.call("
+             "document.querySelectorAll('#leaderboard tbody tr'), function(r){return r.cells[%d]"
+             ".getAttribute('data-sort')}).join(','));th.click();</script></body>" % ci)
+    clicked = tmp_path / "clicked.html"
+    clicked.write_text(page.replace("</body>", click))
+    dom = _dump_dom(browser, clicked, tmp_path / "p2")
+    first = [float(v) for v in re.search(r'data-first="([^"]*)"', dom).group(1).split(",")]
+    assert first == sorted(first)
+    after = _order(dom)
+    vals = [float(c[ci]) for _, c in after]
+    assert vals == sorted(vals, reverse=True)
+    assert [m for m, _ in after] != [m for m, _ in base]  # the rows were reordered
+    assert sorted(m for m, _ in after) == sorted(m for m, _ in base)
+    assert 'aria-sort="descending"' in dom

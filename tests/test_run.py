@@ -1,0 +1,111 @@
+"""``bench run`` end to end on the embedded default: result.json, errors before work, resume after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "max_train_samples=64", "--set", "n_eval=32", "--set", "n_val=32", "--set", "batch_size=32",
+        "--set", "train_attack_steps=2", "--set", "eval_pgd_steps=3", "--set", "val_pgd_steps=2"]
+
+
+def bench(*args, env=None, **kw):
+    e = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", **(env or {}))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "bench", *args], env=e, capture_output=True, text=True,
+                          timeout=900, **kw)
+
+
+def test_run_rft_writes_complete_result(shards_root, tmp_path):
+    out = tmp_path / "rft"
+    p = bench("run", "--method", "rft", "--dataset", "digits", "--backbone", "cifar_resnet18_aa",
+              "--data-root", str(shards_root), "--out", str(out), "--no-progress", "--set", "epochs=1",
+              "--set", "autoattack_version=apgd-ce", *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    for key in ("id", "method", "dataset", "backbone", "seed", "config", "config_hash", "metrics", "cost",
+                "versions"):
+        assert key in r, key
+    m = r["metrics"]
+    assert set(m) == {"clean_acc", "pgd_acc", "pgd_steps", "eps", "autoattack_acc", "autoattack_version", "n_eval"}
+    assert 0 <= m["autoattack_acc"] <= m["clean_acc"] <= 1 and m["n_eval"] == 32 and m["pgd_steps"] == 3
+    assert m["autoattack_version"] == "apgd-ce"
+    assert set(r["cost"]) == {"wall_s", "train_s", "eval_s", "device", "images_per_s"}
+    assert set(r["versions"]) == {"torch", "timm", "peft", "ray", "deepspeed", "bench"}
+    assert yaml.safe_load((out / "args.yaml").read_text())["epochs"] == 1
+    assert list((out / "wandb").glob("offline-run-*")), "an offline W&B run lands beside the result"
+
+
+def test_autoattack_off_leaves_metric_absent(shards_root, tmp_path):
+    out = tmp_path / "ft"
+    p = bench("run", "--method", "ft", "--backbone", "tiny_cnn", "--data-root", str(shards_root), "--out", str(out),
+              "--no-progress", "--set", "epochs=1", "--set", "autoattack_version=off", *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "result.json").read_text())["metrics"]
+    assert "autoattack_acc" not in m and "autoattack_version" not in m and "pgd_acc" in m
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nope"], "unknown method 'nope'; valid:"),
+    (["--method", "rft", "--set", "eps=8"], "eps=8.0 is outside [0, 1]"),
+    (["--method", "rft", "--set", "epoch=1"], "unknown config field 'epoch'"),
+    (["--method", "rft", "--dataset", "cifar77"], "no shards for data set 'cifar77'"),
+    (["--method", "rft", "--backbone", "resnet_nope"], "unknown backbone 'resnet_nope'"),
+])
+def test_bad_input_is_one_line_error_before_work(shards_root, tmp_path, args, message):
+    out = tmp_path / "bad"
+    p = bench("run", *args, "--data-root", str(shards_root), "--out", str(out))
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], p.stderr
+    assert not (out / "result.json").exists()
+
+
+def test_rerun_with_other_config_keeps_existing_run(shards_root, tmp_path):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "args.yaml").write_text(yaml.safe_dump({"method": "ft", "epochs": 7}))
+    (out / "result.json").write_text("{\"precious\": true}")
+    p = bench("run", "--method", "ft", "--backbone", "tiny_cnn", "--data-root", str(shards_root), "--out", str(out),
+              "--set", "epochs=1")
+    assert p.returncode == 2 and "holds a run with another config" in p.stderr
+    assert json.loads((out / "result.json").read_text()) == {"precious": True}
+
+
+def test_killed_trial_resumes_from_last_checkpoint(shards_root, tmp_path):
+    out = tmp_path / "resume"
+    args = ["run", "--method", "ft", "--backbone", "tiny_cnn", "--data-root", str(shards_root), "--out", str(out),
+            "--no-progress", "--set", "epochs=4", "--set", "autoattack_version=off", *TINY]
+    e = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], env=e, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    history = out / "history.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and len(json.loads(history.read_text())) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = json.loads(history.read_text())
+    assert 2 <= len(before) < 4, "the kill must land mid-run"
+    assert not (out / "result.json").exists()
+    p = bench(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = json.loads(history.read_text())
+    assert [h["epoch"] for h in after] == [0, 1, 2, 3]
+    # the epochs finished before the kill are kept as they were, not re-run
+    done = len(before)
+    assert after[:done - 1] == before[:done - 1]
+    assert json.loads((out / "result.json").read_text())["status"] == "ok"

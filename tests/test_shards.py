@@ -1,0 +1,217 @@
+"""Writer/reader round trip, worker split, corrupt shards, digits, check, CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards.check import check_dataset
+from data_shards.manifest import MANIFEST, read_manifest
+from data_shards.paths import dataset_dir, default_root
+from data_shards.reader import ShardError, load_split, make_loader, num_samples
+from data_shards.writer import write_dataset
+
+N, C = 90, 3
+
+
+def _img(i):
+    # pixel (0,0) red channel encodes the sample index, so every sample can be identified after decoding
+    a = np.full((12, 12, 3), 50, np.uint8)
+    a[0, 0, 0] = i
+    a[1:, :, 1] = (i * 7) % 256
+    return a
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards") / "tiny"
+    write_dataset(d, "tiny", {"train": [(_img(i), i % C) for i in range(N)],
+                              "test": [(_img(i), i % C) for i in range(20)]},
+                  classes=["a", "b", "c"], maxcount=25)
+    return d
+
+
+def _ids(x):
+    return [int(round(v * 255)) for v in x[:, 0, 0, 0].tolist()]
+
+
+def test_manifest(tiny):
+    info = read_manifest(tiny)
+    s = info["splits"]["train"]
+    assert info["num_classes"] == 3 and info["image_size"] == [12, 12] and info["image_format"] == "png"
+    assert s["num_samples"] == N and s["shard_lengths"] == [25, 25, 25, 15]
+    assert s["shards"] == [f"train-{i:06d}.tar" for i in range(4)] and set(s["sha256"]) == set(s["shards"])
+    assert sum(s["labels"], []) == [i % C for i in range(N)]
+    assert num_samples(tiny, "test") == 20
+    assert dataset_dir(tiny) == tiny.resolve() and dataset_dir("tiny", root=tiny.parent) == tiny
+
+
+def test_dataset_dir_missing(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        dataset_dir("nope", root=tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "nope" in msg and "python -m bench shards make nope" in msg
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("BENCH_SHARDS", str(tmp_path))
+    assert default_root() == tmp_path.resolve()
+    monkeypatch.delenv("BENCH_SHARDS")
+    assert default_root() == (Path.cwd() / "shards").resolve()
+
+
+def test_round_trip_eval_order(tiny):
+    X, Y = load_split(tiny, "train")
+    assert X.dtype == torch.float32 and X.shape == (N, 3, 12, 12) and Y.dtype == torch.int64
+    assert 0 <= X.min() and X.max() <= 1
+    assert _ids(X) == list(range(N)) and Y.tolist() == [i % C for i in range(N)]
+    X5, _ = load_split(tiny, "train", max_samples=30)
+    assert _ids(X5) == list(range(30))
+    L = make_loader(tiny, "train", 16)
+    got = [(x, y) for x, y in L]
+    assert len(got) == len(L) == 6 and all(len(y) == 16 for _, y in got[:-1])
+    assert _ids(torch.cat([x for x, _ in got])) == list(range(N))
+
+
+def test_train_shuffles_and_covers(tiny):
+    L = make_loader(tiny, "train", 10, train=True, shuffle_buffer=50, seed=3)
+    e1 = sum((_ids(x) for x, _ in L), [])
+    e2 = sum((_ids(x) for x, _ in L), [])
+    assert sorted(e1) == sorted(e2) == list(range(N))
+    assert e1 != list(range(N)) and e1 != e2  # shuffled, differently per epoch
+    L2 = make_loader(tiny, "train", 10, train=True, shuffle_buffer=50, seed=3)
+    assert sum((_ids(x) for x, _ in L2), []) == e1  # reproducible from the seed
+
+
+def test_two_workers_each_sample_once(tiny):
+    L = make_loader(tiny, "train", 8, train=True, num_workers=2, seed=1)
+    for _ in range(2):
+        ids, labels = [], []
+        for x, y in L:
+            ids += _ids(x)
+            labels += y.tolist()
+        assert sorted(ids) == list(range(N))
+        assert all(l == i % C for i, l in zip(ids, labels))
+    assert len(L) == 12
+
+
+def test_max_samples_augment_resize_drop_last(tiny):
+    L = make_loader(tiny, "train", 8, train=True, augment=True, max_samples=40, image_size=24, drop_last=True)
+    batches = list(L)
+    assert len(batches) == len(L) == 5 and all(x.shape == (8, 3, 24, 24) for x, _ in batches)
+
+
+def test_resampled(tiny):
+    L = make_loader(tiny, "train", 10, train=True, resampled=True, epoch_len=35, num_workers=2)
+    n = sum(len(y) for _, y in L)
+    assert n == 35 and len(L) == 4
+    with pytest.raises(ValueError):
+        make_loader(tiny, "train", 10, train=True, resampled=True)
+
+
+def _copy(tiny, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(tiny, d)
+    return d
+
+
+def test_truncated_shard_names_shard_and_key(tiny, tmp_path):
+    d = _copy(tiny, tmp_path)
+    p = d / "train-000001.tar"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
+    with pytest.raises(ShardError) as e:
+        load_split(d, "train")
+    assert "train-000001.tar" in str(e.value) and "train_000" in str(e.value)
+    with pytest.raises(ShardError, match="train-000001.tar"):
+        list(make_loader(d, "train", 8, train=True, num_workers=0))
+    assert any("train-000001.tar" in p for p in check_dataset(d))
+
+
+def test_truncated_at_member_boundary(tiny, tmp_path):
+    import tarfile
+
+    d = _copy(tiny, tmp_path)
+    p = d / "train-000000.tar"
+    with tarfile.open(p) as tf:
+        members = tf.getmembers()
+    cut = members[10].offset  # a clean cut: tarfile sees a shorter archive
+    p.write_bytes(p.read_bytes()[:cut])
+    with pytest.raises(ShardError, match=r"train-000000.tar.*manifest says 25"):
+        load_split(d, "train")
+
+
+def test_undecodable_and_foreign_keys(tmp_path):
+    import webdataset as wds
+
+    d = tmp_path / "bad"
+    write_dataset(d, "bad", {"test": [(_img(i), 0) for i in range(3)]}, classes=["a"])
+    with wds.TarWriter(str(d / "test-000000.tar"), encoder=False) as w:
+        w.write({"__key__": "s0", "png": b"not a png", "cls": b"0"})
+    with pytest.raises(ShardError, match=r"s0.*test-000000.tar|test-000000.tar.*s0"):
+        load_split(d, "test")
+    with wds.TarWriter(str(d / "test-000000.tar"), encoder=False) as w:
+        w.write({"__key__": "s1", "pyd": b"\x80\x04K\x01.", "cls": b"0"})
+    with pytest.raises(ShardError, match="never pickle"):
+        load_split(d, "test")
+
+
+def test_check_detects_tampering(tiny, tmp_path):
+    assert check_dataset(tiny) == []
+    d = _copy(tiny, tmp_path)
+    p = d / "test-000000.tar"
+    b = bytearray(p.read_bytes())
+    b[700] ^= 0xFF
+    p.write_bytes(bytes(b))
+    probs = check_dataset(d)
+    assert len(probs) == 1 and "sha256 mismatch" in probs[0] and "test-000000.tar" in probs[0]
+    (d / "train-000002.tar").unlink()
+    assert any("missing shard" in p for p in check_dataset(d))
+
+
+def test_digits(tmp_path):
+    from data_shards.digits import make_digits
+
+    d = make_digits(tmp_path)
+    info = read_manifest(d)
+    sp = info["splits"]
+    assert info["num_classes"] == 10 and info["image_size"] == [32, 32]
+    assert sum(s["num_samples"] for s in sp.values()) == 1797
+    ntr, nval = sp["train"]["num_samples"], sp["val"]["num_samples"]
+    assert abs(nval / (ntr + nval) - 0.05) < 0.005 and sp["test"]["num_samples"] == 360
+    assert info["validation"] == {"from": "train", "fraction": 0.05, "seed": 0}
+    assert info["fewshot"] == {"base_classes": [0, 1, 2, 3, 4], "novel_classes": [5, 6, 7, 8, 9]}
+    idx = info["source"]["source_index"]
+    assert not set(idx["train"]) & set(idx["val"]) and not set(idx["test"]) & (set(idx["train"]) | set(idx["val"]))
+    assert check_dataset(d) == []
+    X, Y = load_split(d, "val")
+    assert X.shape == (nval, 3, 32, 32) and set(Y.tolist()) == set(range(10))
+    mtime = (d / MANIFEST).stat().st_mtime_ns
+    assert make_digits(tmp_path) == d and (d / MANIFEST).stat().st_mtime_ns == mtime  # idempotent
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-c", "import sys; from bench.cli import main; sys.exit(main(sys.argv[1:]))",
+                           *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli(tmp_path, tiny):
+    import argparse
+
+    from bench import shards_cli
+
+    p = argparse.ArgumentParser()
+    shards_cli.add_parser(p.add_subparsers(dest="command"))
+    a = p.parse_args(["shards", "check", str(tiny)])
+    assert a.func(a) == 0
+    a = p.parse_args(["shards", "make", "nosuch", "--out", str(tmp_path)])
+    assert a.func(a) == 2
+    a = p.parse_args(["shards", "make", "cifar10", "--root", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert a.func(a) == 2
+    a = p.parse_args(["shards", "list"])
+    assert a.func(a) == 0
