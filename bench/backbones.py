@@ -40,10 +40,12 @@ class ImageClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder((x - self.mean) / self.std)
+        # Under DeepSpeed bf16 the weights (and these buffers) are bf16 while data and attacks stay fp32.
+        x = x.to(self.head.weight.dtype)
+        return self.encoder((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.features(x)).float()
 
 
 def list_backbones() -> list[str]:

@@ -63,6 +63,9 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg):
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
     _, world_size = world()
+    if cfg.bf16:
+        # DeepSpeed casts parameters only; BN running statistics must follow or CPU kernels refuse the mix.
+        model.to(torch.bfloat16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, world_size))
     return engine
 

@@ -90,6 +90,17 @@ def config_hash_without_seed(config: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+def _is_pool_member(path: Path, results_dir: Path) -> bool:
+    """True for files under ``<amt trial>/members/`` (bench.amt_pool), the trial folder holding pool.json."""
+    parts = path.relative_to(results_dir).parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "members":
+            trial = results_dir.joinpath(*parts[:i])
+            if (trial / "pool.json").exists() or (trial / "args.yaml").exists():
+                return True
+    return False
+
+
 def load_results(results_dir: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     """All valid result.json under ``results_dir`` (recursive) and the problems found, as (path, reason).
 
@@ -104,6 +115,9 @@ def load_results(results_dir: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     found_dirs = set()
     for path in sorted(results_dir.rglob("result.json")):
         if "wandb" in path.relative_to(results_dir).parts[:-1]:
+            continue
+        if _is_pool_member(path, results_dir):  # AMT pool members are parts of one AMT trial, not entries
+            found_dirs.add(path.parent)
             continue
         found_dirs.add(path.parent)
         try:
@@ -128,13 +142,13 @@ def load_results(results_dir: Path) -> tuple[list[dict], list[tuple[str, str]]]:
             continue
         data["_path"] = str(path)
         records.append(data)
-    for marker in ("metrics.jsonl", "params.json"):
+    for marker in ("args.yaml", "metrics.jsonl"):  # files a trial (bench.trial) writes into its folder
         for m in sorted(results_dir.rglob(marker)):
             d = m.parent
-            if "wandb" in d.relative_to(results_dir).parts or d in found_dirs:
+            if "wandb" in d.relative_to(results_dir).parts or d in found_dirs or _is_pool_member(m, results_dir):
                 continue
             found_dirs.add(d)
-            problems.append((str(d / "result.json"), "missing (trial folder without result.json)"))
+            problems.append((str(d / "result.json"), "missing (trial folder without result.json: unfinished or killed)"))
     return records, problems
 
 
@@ -550,8 +564,10 @@ def plot_curves(records: list[dict], path: Path) -> bool:
     plt = _plt()
     n = len(by_sweep)
     fig, axes = plt.subplots(2, n, figsize=(6 * n, 7), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
     for ci, (sweep, recs) in enumerate(by_sweep.items()):
         ax1, ax2 = axes[0][ci], axes[1][ci]
+        ax3 = ax2.twinx()  # η: the learning rate, on its own axis
         any_sched = False
         for rec in recs:
             hist = [h for h in rec["history"] if isinstance(h, dict)]
@@ -568,17 +584,28 @@ def plot_curves(records: list[dict], path: Path) -> bool:
                     any_sched = True
                     ax2.plot([e for e, v in zip(ep, vs) if v is not None], [v for v in vs if v is not None],
                              marker=".", label=f"{label} {k}")
+            lrs = [_num(h.get("lr")) for h in hist]
+            if any(v is not None for v in lrs):
+                ax3.plot([e for e, v in zip(ep, lrs) if v is not None], [v for v in lrs if v is not None],
+                         ls=":", marker="x", label=f"{label} η")
         ax1.set_title(f"sweep {sweep}: validation robust accuracy")
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("val PGD acc (%)")
         ax1.grid(alpha=0.3)
         if ax1.lines:
             ax1.legend(fontsize=6)
-        ax2.set_title("λ / η schedule" if any_sched else "no λ/η logged")
+        ax2.set_title("λ (solid, left) / η learning rate (dotted, right)" if any_sched or ax3.lines
+                      else "no λ/η logged")
         ax2.set_xlabel("epoch")
+        ax2.set_ylabel("λ")
+        ax3.set_ylabel("η (lr)")
         ax2.grid(alpha=0.3)
-        if ax2.lines:
-            ax2.legend(fontsize=6)
+        for ax in (ax1, ax2):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax2.lines or ax3.lines:
+            h2, l2 = ax2.get_legend_handles_labels()
+            h3, l3 = ax3.get_legend_handles_labels()
+            ax2.legend(h2 + h3, l2 + l3, fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -262,6 +262,7 @@ class AMT(PMF):
             missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
             if missing:
                 raise ValueError(f"pool member {adapter} does not fit this model: missing {missing[:3]}")
+            self.check_residual(payload, adapter)
             self.members.append({"eps": member.get("eps"), "adapter": str(adapter), "tensors": tensors})
         return self.members
 
@@ -302,7 +303,7 @@ class AMT(PMF):
     def summary(self) -> dict[str, Any]:
         out = super().summary()
         out["train_eps"] = self.train_eps
-        if self.pool:
+        if self.members:
             out["pool"] = [{"eps": m["eps"], "adapter": m["adapter"]} for m in self.members]
             out["merge"] = {"top_k": self.cfg.merge_top_k, "lambda": self.cfg.merge_lambda,
                             "beta": self.cfg.merge_beta, "trim_rho": self.cfg.trim_rho}

@@ -204,17 +204,37 @@ class PMF(Method):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": ADAPTER_FORMAT, "method": self.name, "rank": self.cfg.rank,
-                   "lora_layers": list(self.lora_layers), "meta": meta, "tensors": self.adapter_state()}
+                   "lora_layers": list(self.lora_layers), "residual": self.residual_fingerprint(), "meta": meta,
+                   "tensors": self.adapter_state()}
         tmp = path.with_suffix(path.suffix + ".tmp")
         torch.save(payload, tmp)
         tmp.replace(path)
         return path
+
+    def residual_fingerprint(self) -> list[float]:
+        """Norms of the frozen residual weights W_res: adapters only make sense on the residual they were
+        trained on (the same backbone, targets, rank and SVD init)."""
+        from methods.lora_svd import lora_sites, site_keys
+
+        enc = self.model.backbone.encoder
+        return [float(enc.get_parameter(site_keys(n, m)["W"]).detach().float().norm())
+                for n, m in lora_sites(enc).items()]
+
+    def check_residual(self, payload: dict, path) -> None:
+        saved = payload.get("residual")
+        if saved is None:
+            return
+        mine = self.residual_fingerprint()
+        if len(saved) != len(mine) or any(abs(a - b) > 1e-3 * max(1.0, abs(b)) for a, b in zip(saved, mine)):
+            raise ValueError(f"{path} was trained on another backbone residual (different weights, targets "
+                             f"or rank); its LoRA does not apply to this model")
 
     def load_adapter(self, path: str | Path) -> dict[str, Any]:
         """Load a saved adapter into ``self.model`` (returns the payload)."""
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != ADAPTER_FORMAT:
             raise ValueError(f"{path} is not an adapter file ({ADAPTER_FORMAT})")
+        self.check_residual(payload, path)
         params = dict(self.model.named_parameters())
         missing = [n for n in params if params[n].requires_grad and n not in payload["tensors"]]
         if missing:

@@ -104,6 +104,9 @@ def test_malformed_results_reported_and_skipped(board, capsys):
     assert "JSON" in by["notjson"] and "method" in by["nomethod"]
     assert "boom" in by["failed"] and "missing" in by["missing"]
     assert not any("broken" in p for r in rows for p in r["paths"])
+    # an AMT pool member's result.json (under <trial>/members/) is part of its trial, not an entry
+    assert not any("members" in p for r in rows for p in r["paths"])
+    assert _row(rows, "digits", "rft")["n"] == 3
     md = (out / "leaderboard.md").read_text()
     assert "broken/notjson/result.json" in md
     # the console output names them too

@@ -109,3 +109,14 @@ def test_killed_trial_resumes_from_last_checkpoint(shards_root, tmp_path):
     done = len(before)
     assert after[:done - 1] == before[:done - 1]
     assert json.loads((out / "result.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.parametrize("engine_setting", ["zero_stage=2", "bf16=true"])
+def test_engine_settings_run_end_to_end(shards_root, tmp_path, engine_setting):
+    out = tmp_path / "engine"
+    p = bench("run", "--method", "rft", "--backbone", "tiny_cnn", "--data-root", str(shards_root), "--out", str(out),
+              "--no-progress", "--set", "epochs=2", "--set", "autoattack_version=off", "--set", engine_setting, *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["config"][engine_setting.split("=")[0]] in (2, True)
+    assert len(r["history"]) == 2 and 0 <= r["metrics"]["pgd_acc"] <= r["metrics"]["clean_acc"]

@@ -1,0 +1,476 @@
+"""``bench sweep FILE.yaml``: a Ray Tune sweep of trials, each one ``bench run`` with sampled settings.
+
+* A trial is :func:`bench.trial.run_trial` (same code path, same ``result.json``) in
+  ``RESULTS/<method>_s<seed>_<trial id>/``; it reports every epoch to Tune (train loss, validation metrics,
+  lr, λ ...) with the epoch's checkpoint folder, so ASHA can stop bad trials and a lost trial restarts from
+  its last epoch.
+* Trials with ``resources.workers > 1`` run a Ray Train ``TorchTrainer`` inside the Tune trial (the
+  Train-inside-Tune pattern of Ray >= 2.43): every worker runs ``run_trial`` under DeepSpeed (Ray's torch
+  backend sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), every rank saves its checkpoint, rank 0's
+  metrics reach Tune through ``TuneReportCallback``.
+* Tune's own state lives in ``RESULTS/_tune/<name>``; ``--resume`` restores it: finished trials are not
+  rerun, unfinished and errored ones continue from their checkpoints.
+* A trial that raises writes ``result.json`` with ``"status": "error"`` and re-raises, so Tune records the
+  error and the other trials go on.
+* At the end the leaderboard of ``RESULTS`` is built and printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+OBJECTIVE = "objective"  # the key every trial reports its validation metric under (per-method metric names differ)
+TUNE_DIR = "_tune"
+# Environment a trial process needs from the driver (a remote cluster's workers do not inherit it).
+PROPAGATE_ENV = ("WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY",
+                 "TORCH_EXTENSIONS_DIR", "BENCH_SHARDS", "BENCH_DEBUG", "OMP_NUM_THREADS")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="run a Ray Tune sweep from a tune_spaces/*.yaml file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("file", type=Path, help="sweep file (tune_spaces/*.yaml)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address ('auto' joins the running cluster); default: start Ray locally")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --results")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="override resources.gpus (per worker when workers > 1); fractions allowed")
+    p.add_argument("--workers-per-trial", type=int, default=None, help="override resources.workers")
+    p.add_argument("--results", type=Path, default=None, help="results folder (default: results/<sweep name>)")
+    p.add_argument("--data-root", type=Path, default=None, help="shards root (default: $BENCH_SHARDS or ./shards)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
+    p.add_argument("--no-leaderboard", action="store_true")
+    p.add_argument("--wandb", action="store_true", help="also log the leaderboard to W&B")
+    p.add_argument("--check", action="store_true", help="validate the file, print the trial count and stop")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from bench.sweep_space import load_sweep
+
+    spec = load_sweep(args.file)
+    if args.gpus_per_trial is not None:
+        if args.gpus_per_trial < 0:
+            raise ValueError(f"--gpus-per-trial {args.gpus_per_trial:g} must be >= 0")
+        spec.gpus = float(args.gpus_per_trial)
+    if args.workers_per_trial is not None:
+        if args.workers_per_trial < 1:
+            raise ValueError(f"--workers-per-trial {args.workers_per_trial} must be >= 1")
+        spec.workers = args.workers_per_trial
+    if args.check:
+        print(f"{spec.path}: ok, {spec.n_trials()} trials of {', '.join(spec.methods)}")
+        return 0
+    results = (args.results or Path("results") / spec.name).resolve()
+    summary = run_sweep(spec, results, address=args.address, resume=args.resume, data_root=args.data_root,
+                        num_cpus=args.num_cpus, leaderboard=not args.no_leaderboard, wandb_log=args.wandb)
+    return 0 if summary["n_ok"] > 0 or summary["n_trials"] == 0 else 1
+
+
+# ------------------------------------------------------------------------------------------- the driver
+
+def resolve_data_root(data_root: str | Path | None) -> Path:
+    """Absolute shards root: Ray workers run in other folders."""
+    root = data_root or os.environ.get("BENCH_SHARDS") or "shards"
+    return Path(root).expanduser().resolve()
+
+
+def trial_dir_name(method: str, seed: int, trial_id: str) -> str:
+    return f"{method}_s{seed}_{trial_id}"
+
+
+def _dirname_creator(trial) -> str:
+    cfg = trial.config
+    return trial_dir_name(cfg.get("method", "trial"), cfg.get("seed", 0), trial.trial_id)
+
+
+def _param_space(spec) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {
+        "method": tune.grid_search(spec.methods) if len(spec.methods) > 1 else spec.methods[0],
+        "seed": tune.grid_search(spec.seeds) if len(spec.seeds) > 1 else spec.seeds[0],
+    }
+    for key, (dist, args) in spec.space.items():
+        space[key] = {
+            "grid": lambda a: tune.grid_search(a),
+            "choice": lambda a: tune.choice(a),
+            "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a),
+        }[dist](args)
+    return space
+
+
+def _scheduler(spec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.scheduler
+    if s["type"] == "fifo":
+        return FIFOScheduler()
+    epochs = _max_epochs(spec)
+    # +1: a trial's last report (its final result) must never be cut by the scheduler's max_t.
+    return ASHAScheduler(time_attr="training_iteration", max_t=s.get("max_t", epochs + 1),
+                         grace_period=s.get("grace_period", 1), reduction_factor=s.get("reduction_factor", 2),
+                         brackets=s.get("brackets", 1))
+
+
+def _max_epochs(spec) -> int:
+    from bench.config import resolve_config
+
+    best = 1
+    for m in spec.methods:
+        cfg = resolve_config(m, spec.overrides(m, spec.seeds[0], {}))
+        best = max(best, int(cfg.epochs))
+    if "epochs" in spec.space:
+        dist, args = spec.space["epochs"]
+        best = max(best, int(max(args)))
+    return best
+
+
+def _searcher(spec):
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=spec.seeds[0])
+    return None  # random / grid (BasicVariantGenerator)
+
+
+def _init_ray(address: str | None, num_cpus: int | None, env: dict[str, str]):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": env}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    return True
+
+
+def _trial_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in PROPAGATE_ENV if k in os.environ}
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("WANDB_SILENT", "true")
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(repo) / ".cache" / "torch_extensions"))
+    env["BENCH_IN_SWEEP"] = "1"
+    return env
+
+
+def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: bool = False,
+              data_root: str | Path | None = None, num_cpus: int | None = None, leaderboard: bool = True,
+              wandb_log: bool = False, verbose: int = 1) -> dict[str, Any]:
+    """Run (or ``resume``) the sweep ``spec`` into ``results``; return a summary dict."""
+    t_start = time.time()
+    results = Path(results).resolve()
+    data_root = resolve_data_root(data_root)
+    from data_shards.paths import dataset_dir
+
+    dataset_dir(spec.dataset, data_root)  # fails early, with its own message, when the shards are missing
+    exp_dir = results / TUNE_DIR / spec.name
+    if exp_dir.exists() and not resume:
+        raise ValueError(f"{results} already holds sweep {spec.name!r}; pass --resume to continue it, "
+                         f"or --results DIR for a new one")
+    if resume and not exp_dir.exists():
+        raise ValueError(f"nothing to resume: {exp_dir} does not exist")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "sweep.json").write_text(json.dumps(_spec_record(spec, data_root), indent=2, default=str))
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Tune's own result.json stays out of RESULTS
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    started = _init_ray(address, num_cpus, _trial_env())
+    import ray
+    from ray import tune
+
+    try:
+        ctx = {"results": str(results), "data_root": str(data_root), "name": spec.name,
+               "space_keys": sorted(spec.space), "metrics": {m: spec.metric_for(m) for m in spec.methods},
+               "spec_fixed": {m: spec.overrides(m, 0, {}) for m in spec.methods},
+               "workers": spec.workers, "cpus": spec.cpus, "gpus": spec.gpus,
+               "storage": str(results / TUNE_DIR)}
+        trainable = tune.with_parameters(sweep_trial, ctx=ctx)
+        if spec.workers > 1:  # the Tune trial only drives a TorchTrainer; the workers hold the resources
+            trainable = tune.with_resources(trainable, {"cpu": 0})
+        else:
+            trainable = tune.with_resources(trainable, {"cpu": spec.cpus, "gpu": spec.gpus})
+        if resume:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            from ray.tune import CheckpointConfig, FailureConfig, RunConfig
+
+            tuner = tune.Tuner(
+                trainable, param_space=_param_space(spec),
+                tune_config=tune.TuneConfig(
+                    metric=OBJECTIVE, mode=spec.mode, scheduler=_scheduler(spec), search_alg=_searcher(spec),
+                    num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+                    time_budget_s=spec.time_budget_s, trial_dirname_creator=_dirname_creator,
+                    trial_name_creator=_dirname_creator),
+                run_config=RunConfig(
+                    name=spec.name, storage_path=str(results / TUNE_DIR), verbose=verbose,
+                    failure_config=FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=1),
+                    callbacks=[ResultFileCallback(str(results))]))
+        print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
+              flush=True)
+        grid = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    summary = summarize(grid, results, spec, time.time() - t_start)
+    if leaderboard:
+        _leaderboard(results, wandb_log)
+    return summary
+
+
+def _spec_record(spec, data_root: Path) -> dict:
+    return {"name": spec.name, "file": str(spec.path), "methods": spec.methods, "dataset": spec.dataset,
+            "backbone": spec.backbone, "fixed": spec.fixed, "per_method": spec.per_method,
+            "space": {k: {d: a} for k, (d, a) in spec.space.items()}, "scheduler": spec.scheduler,
+            "search": spec.search, "num_samples": spec.num_samples, "seeds": spec.seeds,
+            "resources": {"cpus": spec.cpus, "gpus": spec.gpus, "workers": spec.workers},
+            "data_root": str(data_root)}
+
+
+def summarize(grid, results: Path, spec, wall_s: float) -> dict[str, Any]:
+    """Per-trial status from the result.json files (the source of truth), printed as one block."""
+    rows = []
+    for r in grid:
+        trial_id = Path(r.path).name if r.path else "?"
+        status = "error" if r.error else "ok"
+        rows.append({"trial": trial_id, "status": status, "error": str(r.error).splitlines()[0] if r.error else None,
+                     OBJECTIVE: (r.metrics or {}).get(OBJECTIVE)})
+    files = {}
+    for path in sorted(results.glob("*/result.json")):
+        try:
+            files[path.parent.name] = json.loads(path.read_text()).get("status", "ok")
+        except (OSError, json.JSONDecodeError):
+            files[path.parent.name] = "unreadable"
+    n_ok = sum(1 for s in files.values() if s == "ok")
+    summary = {"name": spec.name, "results": str(results), "n_trials": len(rows), "n_ok": n_ok,
+               "n_error": sum(1 for r in rows if r["status"] == "error"), "wall_s": round(wall_s, 1),
+               "trials": rows, "result_files": files}
+    (results / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"bench sweep: {spec.name}: {n_ok}/{len(rows)} trials ok, {summary['n_error']} errors, "
+          f"{wall_s:.0f} s; results in {results}", flush=True)
+    for name, status in files.items():
+        if status != "ok":
+            print(f"  {name}: {status}")
+    return summary
+
+
+def _leaderboard(results: Path, wandb_log: bool) -> None:
+    try:
+        from bench.leaderboard import build_leaderboard
+    except ImportError as e:
+        print(f"bench sweep: no leaderboard ({e})")
+        return
+    build_leaderboard(results, wandb_log=wandb_log, console=True)
+
+
+# --------------------------------------------------------------------------------------------- callbacks
+
+try:
+    from ray.tune import Callback as _TuneCallback
+except Exception:  # noqa: BLE001 - Ray missing: the module still imports for `bench --help`
+    _TuneCallback = object
+
+
+class ResultFileCallback(_TuneCallback):
+    """A trial that ends without a result.json (stopped by ASHA, lost with its node) gets one saying why."""
+
+    def __init__(self, results: str):
+        self.results = results
+
+    def _write(self, trial, status: str, reason: str) -> None:
+        out = Path(self.results) / trial_dir_name(trial.config.get("method", "trial"), trial.config.get("seed", 0),
+                                                  trial.trial_id)
+        path = out / "result.json"
+        if path.exists() or not out.exists():
+            return
+        cfg = trial.config
+        rec = {"id": trial.trial_id, "method": cfg.get("method"), "seed": cfg.get("seed"), "status": status,
+               "error": reason, "sweep": {"trial_id": trial.trial_id}, "last_result": _jsonable(trial.last_result)}
+        tmp = path.with_name(".result.json.tmp")
+        tmp.write_text(json.dumps(rec, indent=2, default=str))
+        os.replace(tmp, path)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._write(trial, "stopped", "stopped early by the scheduler")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._write(trial, "error", "trial failed without writing a result (see Tune's error file)")
+
+
+def _jsonable(d: dict | None) -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the trial
+
+def _report_metrics(row: dict, metric: str) -> dict[str, Any]:
+    out = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    value = row.get(metric)
+    if value is None:  # keep Tune's metric present: fall back to what validation did compute
+        value = row.get("val_clean_acc", row.get("val_fewshot_acc"))
+    out[OBJECTIVE] = float(value) if value is not None else float("nan")
+    out["metric_name"] = metric
+    return out
+
+
+def _final_metrics(result: dict, metric: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"done_result": 1.0}
+    for block in ("metrics", "fewshot"):
+        for k, v in (result.get(block) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"test_{k}"] = float(v)
+    hist = result.get("history") or []
+    if hist:
+        out.update(_report_metrics(hist[-1], metric))
+    out.setdefault(OBJECTIVE, float("nan"))
+    return out
+
+
+def _restore_checkpoint(out_dir: Path) -> None:
+    """A trial restarted on another node (no shared disk) gets its epoch checkpoint back from Tune's storage."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    target = out_dir / "checkpoints"
+    if ckpt is None or any(target.glob("last.rank*.pt")):
+        return
+    with ckpt.as_directory() as src:
+        target.mkdir(parents=True, exist_ok=True)
+        for f in Path(src).iterdir():
+            if f.is_file():
+                shutil.copy2(f, target / f.name)
+
+
+def _trial_setup(config: dict, ctx: dict, trial_id: str):
+    from bench.config import resolve_config
+
+    method, seed = config["method"], int(config["seed"])
+    sampled = {k: config[k] for k in ctx["space_keys"]}
+    overrides = {**ctx["spec_fixed"][method], **sampled, "seed": seed}
+    name = trial_dir_name(method, seed, trial_id)
+    out_dir = Path(ctx["results"]) / name
+    swept = {"method": method, "seed": seed, **sampled}
+    sweep_info = {"name": ctx["name"], "trial_id": trial_id, "swept": swept}
+    cfg = resolve_config(method, overrides)
+    return cfg, out_dir, sweep_info, ctx["metrics"][method]
+
+
+def sweep_trial(config: dict, ctx: dict) -> None:
+    """The Tune trainable: one trial of the sweep."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id)
+    if ctx["workers"] > 1:
+        return _multi_worker_trial(config, ctx, trial_id, cfg, out_dir)
+    from bench.trial import run_trial, write_error_result
+
+    _restore_checkpoint(out_dir)
+    reported = []
+
+    def on_epoch(row: dict, ckpt_dir: Path) -> None:
+        tune.report(_report_metrics(row, metric), checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        reported.append(row.get("epoch"))
+
+    try:
+        result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
+                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True)
+    except Exception as exc:
+        write_error_result(cfg, out_dir, exc, sweep=sweep_info)
+        raise
+    # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done).
+    tune.report(_final_metrics(result, metric))
+
+
+def _multi_worker_trial(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Path) -> None:
+    """``workers`` DeepSpeed processes, one per Ray Train worker, driven from this Tune trial."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = {"CPU": ctx["cpus"]}
+    if ctx["gpus"]:
+        resources["GPU"] = ctx["gpus"]
+    trainer = TorchTrainer(
+        train_worker_loop,
+        train_loop_config={"config": dict(config), "ctx": ctx, "trial_id": trial_id},
+        scaling_config=ScalingConfig(num_workers=ctx["workers"], use_gpu=bool(ctx["gpus"]),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"train_{trial_id}", storage_path=ctx["storage"],
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+    from ray import tune
+
+    done = out_dir / "result.json"
+    if done.exists():
+        result = json.loads(done.read_text())
+        if result.get("status") == "ok":
+            tune.report(_final_metrics(result, ctx["metrics"][config["method"]]))
+
+
+def train_worker_loop(loop_cfg: dict) -> None:
+    """One Ray Train worker: ``run_trial`` as rank RANK of WORLD_SIZE (DeepSpeed reads the torch env vars)."""
+    import ray.train as rt
+
+    tctx = rt.get_context()
+    os.environ["RANK"] = str(tctx.get_world_rank())
+    os.environ["LOCAL_RANK"] = str(tctx.get_local_rank())
+    os.environ["WORLD_SIZE"] = str(tctx.get_world_size())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:  # Ray's torch backend sets it with init_method="env" (the default)
+        raise RuntimeError("Ray Train did not set MASTER_PORT; cannot join the process group")
+    config, ctx, trial_id = loop_cfg["config"], loop_cfg["ctx"], loop_cfg["trial_id"]
+    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id)
+    from bench.trial import run_trial, write_error_result
+
+    rank = tctx.get_world_rank()
+    if rank == 0 and not any((out_dir / "checkpoints").glob("last.rank*.pt")):
+        ckpt = rt.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as src:
+                (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+                for f in Path(src).iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, out_dir / "checkpoints" / f.name)
+
+    def on_epoch(row: dict, ckpt_dir: Path) -> None:
+        # Every rank reports its own checkpoint files (last.rankR.pt, best.rankR.pt); Ray merges them.
+        rt.report(_report_metrics(row, metric), checkpoint=rt.Checkpoint.from_directory(str(ckpt_dir)))
+
+    try:
+        run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
+                  run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True)
+    except Exception as exc:
+        if rank == 0:
+            write_error_result(cfg, out_dir, exc, sweep=sweep_info)
+        raise
+
+
+def _nan_to_none(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from bench.cli import main
+
+    sys.exit(main(["sweep", *sys.argv[1:]]))

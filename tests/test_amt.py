@@ -1,0 +1,422 @@
+"""AMT and PMF: SVD-initialised LoRA, test-time merging, the pyramid attack, meta-tuning, few-shot evaluation,
+the pool, and ``bench run --method amt/pmf`` end to end on the embedded default."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.amt_pool import plan_pool, run_pool
+from bench.backbones import create_backbone
+from bench.config import resolve_config
+from bench.fewshot import evaluate_fewshot, mean_ci95
+from methods import get_method
+from methods.amt import AMT, AMTConfig, kl_div, pool_eps_list, pyramid_attack
+from methods.base import Episode, TrainContext
+from methods.lora_svd import MergedQKVLoRA, apply_svd_lora, lora_sites, site_keys, site_weight
+from methods.merge import merge_weights, merged_overrides, trim_rank
+from methods.pmf import PMF, prototypes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PlainEngine:
+    """What a method needs of a DeepSpeed engine, in plain PyTorch."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def __call__(self, x):
+        return self.module(x)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def tiny_vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=0).eval()
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return create_backbone("tiny_cnn", 5).eval()
+
+
+def episode(seed=0, ways=3, shots=2, queries=3, size=32):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.rand(ways * shots, 3, size, size, generator=g)
+    qx = torch.rand(ways * queries, 3, size, size, generator=g)
+    return Episode(sx, torch.arange(ways).repeat_interleave(shots), qx, torch.arange(ways).repeat_interleave(queries))
+
+
+def make_method(name="amt", **over):
+    cfg = resolve_config(name, {"rank": 4, "epochs": 1, "episodes_per_epoch": 4, "warmup_epochs": 0, **over})
+    torch.manual_seed(0)
+    return get_method(name)(cfg, create_backbone("tiny_cnn", 5), 5)
+
+
+# --- SVD / PiSSA init -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, qkv_mode, expected_type", [
+    ("vit", "merged", "MergedQKVLoRA"),  # the reference's form: one rank-r LoRA per q, k, v block
+    ("vit", "fused", "Linear"),  # PEFT's PiSSA across the fused qkv
+    ("cnn", "merged", "Conv2d"),  # our SVD init over (out, in*k*k)
+])
+def test_svd_init_reproduces_weights_and_outputs(kind, qkv_mode, expected_type):
+    net = tiny_vit() if kind == "vit" else tiny_cnn().encoder
+    original = copy.deepcopy(net)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        y0 = original(x)
+    names = apply_svd_lora(net, r=4, qkv_mode=qkv_mode)
+    sites = lora_sites(net)
+    assert set(sites) == set(names) and names
+    for n, m in sites.items():
+        torch.testing.assert_close(site_weight(m), original.get_submodule(n).weight, atol=1e-5, rtol=0)
+    first = sites[names[0]]
+    assert type(first).__name__ == expected_type
+    if expected_type == "MergedQKVLoRA":
+        assert first.lora_A.shape == (3, 4, 192) and first.lora_B.shape == (3, 192, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), y0, atol=1e-4, rtol=1e-4)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+
+
+def test_svd_factors_are_top_singular_directions():
+    net = tiny_cnn().encoder
+    W = net.layer1[0].conv1.weight.detach().clone()
+    apply_svd_lora(net, r=4)
+    m = lora_sites(net)["layer1.0.conv1"]
+    delta = site_weight(m) - m.get_base_layer().weight
+    S = torch.linalg.svdvals(W.reshape(W.shape[0], -1))
+    torch.testing.assert_close(torch.linalg.svdvals(delta.reshape(W.shape[0], -1))[:4], S[:4], atol=1e-5, rtol=1e-5)
+
+
+# --- merging ----------------------------------------------------------------------------------------
+def random_members(method, n, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = method.adapter_state()
+    out = []
+    for _ in range(n):
+        out.append({k: v + scale * torch.randn(v.shape, generator=g) * (v.std() if v.numel() > 1 else 1)
+                    for k, v in base.items()})
+    return out
+
+
+def test_merge_one_member_at_weight_one_equals_that_member():
+    method = make_method()
+    members = random_members(method, 2)
+    enc = method.model.backbone.encoder
+    x = torch.rand(4, 3, 32, 32)
+    for weights in ([1.0], [1.0, 0.0], [0.0, 1.0]):
+        k = int(np.argmax(weights))
+        ov = merged_overrides(enc, members[:len(weights)], weights, prefix="backbone.encoder.")
+        with torch.no_grad():
+            merged = torch.func.functional_call(method.model.eval(), ov, (x,), strict=False)
+            ref = copy.deepcopy(method)
+            with torch.no_grad():
+                for n, p in ref.model.named_parameters():
+                    if n in members[k]:
+                        p.copy_(members[k][n])
+            torch.testing.assert_close(merged, ref.model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.25, 0.5, 0.9])
+def test_merge_with_weights_summing_to_one_is_linear_in_the_deltas(a):
+    method = make_method()
+    m1, m2 = random_members(method, 2)
+    enc, prefix = method.model.backbone.encoder, "backbone.encoder."
+    ov = merged_overrides(enc, [m1, m2], [a, 1 - a], prefix=prefix)
+    ov1 = merged_overrides(enc, [m1], [1.0], prefix=prefix)
+    ov2 = merged_overrides(enc, [m2], [1.0], prefix=prefix)
+    for name, m in lora_sites(enc).items():
+        key = prefix + site_keys(name, m)["W"]
+        torch.testing.assert_close(ov[key], a * ov1[key] + (1 - a) * ov2[key], atol=1e-5, rtol=1e-5)
+        assert not ov[prefix + site_keys(name, m)["B"]].any()  # the LoRA branch is off in the merged net
+
+
+def test_trimming_with_rho_one_changes_nothing_and_trims_otherwise():
+    method = make_method()
+    members = random_members(method, 2)
+    enc = method.model.backbone.encoder
+    plain = merged_overrides(enc, members, [0.5, 0.5], prefix="backbone.encoder.")
+    trimmed = merged_overrides(enc, members, [0.5, 0.5], prefix="backbone.encoder.", rho=1.0)
+    for k in plain:
+        assert torch.equal(plain[k], trimmed[k])
+    W = torch.randn(12, 8)
+    assert trim_rank(W, 1.0) is W
+    assert torch.linalg.matrix_rank(trim_rank(W, 0.5)) == 4
+    conv = torch.randn(6, 3, 3, 3)
+    assert trim_rank(conv, 0.5).shape == conv.shape
+
+
+@pytest.mark.parametrize("scores, beta, k, expected_nonzero", [
+    ([0.9, 0.5, 0.7, 0.1], 6.0, 2, [0, 2]),
+    ([0.2, 0.3], 1.0, 2, [0, 1]),
+    ([0.2, 0.3, 0.1], 12.0, 1, [1]),
+    ([0.2, 0.3], 1.0, 5, [0, 1]),  # k above the pool size: all members
+])
+def test_merge_weights_are_exp_beta_s_minus_one_over_top_k(scores, beta, k, expected_nonzero):
+    w = merge_weights(torch.tensor(scores), beta, k)
+    assert torch.nonzero(w).flatten().tolist() == expected_nonzero
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
+    raw = torch.tensor([math.exp(beta * (scores[i] - 1)) for i in expected_nonzero])
+    torch.testing.assert_close(w[expected_nonzero], (raw / raw.sum()).float())
+
+
+# --- the pyramid attack -----------------------------------------------------------------------------
+@pytest.mark.parametrize("eps, grids, mults", [
+    (8 / 255, [4, 8, 0], [20.0, 10.0, 1.0]),
+    (2 / 255, [4, 8, 0], [20.0, 10.0, 1.0]),
+    (8 / 255, [0], [1.0]),
+])
+def test_pyramid_attack_stays_in_eps_ball_and_raises_kl(eps, grids, mults):
+    method = make_method()
+    model = method.model.eval()
+    sx, sy, qx, qy = episode()
+    with torch.no_grad():
+        protos = prototypes(model(sx), sy, 3)
+        clean = model.logits(model(qx), protos)
+
+    def fn(z):
+        return model.logits(model(z), protos)
+
+    g = torch.Generator().manual_seed(0)
+    start = pyramid_attack(fn, qx, clean, eps=eps, steps=0, step_size=eps / 10)
+    adv = pyramid_attack(fn, qx, clean, eps=eps, steps=5, step_size=eps / 10, grids=grids, mults=mults,
+                         generator=g)
+    assert torch.equal(start, qx)
+    assert (adv - qx).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        assert kl_div(fn(adv), clean) > kl_div(fn(qx), clean) + 1e-9
+        assert kl_div(fn(adv), clean) > 0
+
+
+# --- meta-tuning --------------------------------------------------------------------------------------
+def query_ce(method, ep):
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        clf = method.episode_classifier(ep.support_x, ep.support_y)
+        return F.cross_entropy(clf.eval()(ep.query_x), ep.query_y).item()
+
+
+@pytest.mark.parametrize("name, over", [
+    ("pmf", {}),
+    ("amt", {"member_eps": 8.0}),
+    ("amt", {"member_eps": 8.0, "awp_eta": 0.0}),
+])
+def test_meta_tuning_steps_lower_the_loss_on_a_fixed_episode(name, over):
+    method = make_method(name, lr=0.05, **over)
+    engine = PlainEngine(method.model, method.make_optimizer())
+    ep = episode()
+    before = query_ce(method, ep)
+    method.model.train()
+    for step in range(4):
+        logs = method.train_step(engine, ep, TrainContext(epoch=0, step=step, steps_per_epoch=4))
+        assert math.isfinite(logs["train_loss"])
+    assert query_ce(method, ep) < before
+
+
+def test_weight_perturbation_is_removed_after_the_step():
+    method = make_method("amt", lr=0.0, momentum=0.0, member_eps=8.0, awp_eta=0.1)
+    engine = PlainEngine(method.model, method.make_optimizer())
+    before = {n: p.detach().clone() for n, p in method.model.named_parameters() if p.requires_grad}
+    method.train_step(engine, episode(), TrainContext(epoch=0, step=0, steps_per_epoch=4))
+    for n, p in method.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), before[n], atol=1e-6, rtol=0)
+
+
+def test_lr_schedule_warms_up_then_cosine():
+    method = make_method("pmf", epochs=10, warmup_epochs=2, lr=1.0)
+    lrs = [method.lr_at(e, s, 4) for e in range(10) for s in range(4)]
+    assert lrs[0] == pytest.approx(1 / 8) and lrs[7] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[8:], lrs[9:])) and lrs[-1] < 0.01
+
+
+def test_configs_carry_the_paper_defaults():
+    c = AMTConfig()
+    assert (c.rank, c.lora_alpha, c.lr, c.epochs, c.warmup_epochs, c.momentum, c.weight_decay) == \
+        (8, None, 5e-4, 30, 5, 0.9, 0.0)
+    assert (c.lambda_adv, c.train_attack_steps, c.train_step_frac, c.awp_eta, c.pool_size) == (6.0, 2, 0.1, 1e-4, 4)
+    assert c.pool_eps == [0.01, 0.1, 6.0, 8.0] and c.merge_top_k == 2 and c.trim_rho == 1.0
+    assert c.scale_init == 10.0 and c.select_metric == "val_fewshot_acc"
+    assert get_method("amt") is AMT and get_method("pmf") is PMF and AMT.episodic and PMF.episodic
+
+
+@pytest.mark.parametrize("size, expected", [(4, [0.01, 0.1, 6.0, 8.0]), (2, [0.01, 8.0]), (1, [8.0]),
+                                            (3, [0.01, 0.1, 8.0])])
+def test_pool_eps_spread_over_the_list(size, expected):
+    assert pool_eps_list(AMTConfig(pool_size=size)) == expected
+
+
+# --- few-shot evaluation --------------------------------------------------------------------------------
+class _Constant(nn.Module):
+    """Always predicts way 0."""
+
+    def __init__(self, ways):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(ways))
+
+    def forward(self, x):
+        return self.w.unsqueeze(0).expand(len(x), -1) + torch.eye(len(self.w))[0] + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+class _Method:
+    def episode_classifier(self, sx, sy):
+        return _Constant(int(sy.max()) + 1)
+
+
+class _Sampler:
+    """Episode i: query labels chosen so that predicting way 0 is right on a known fraction."""
+    ways, shots = 2, 1
+
+    def __init__(self, fractions):
+        self.fractions = fractions
+
+    def sample(self, i):
+        n = 10
+        k = int(round(self.fractions[i] * n))
+        qy = torch.tensor([0] * k + [1] * (n - k))
+        return torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), torch.rand(n, 3, 8, 8), qy
+
+
+@pytest.mark.parametrize("fractions", [[0.5, 0.5, 0.5], [0.2, 0.6, 1.0, 0.4], [1.0]])
+def test_evaluate_fewshot_mean_and_ci_formula(fractions):
+    cfg = AMTConfig(eval_pgd_steps=2)
+    out = evaluate_fewshot(_Method(), _Sampler(fractions), len(fractions), cfg, attack=True, progress=False)
+    assert out["ways"] == 2 and out["shots"] == 1 and out["episodes"] == len(fractions)
+    assert out["clean_acc"] == pytest.approx(np.mean(fractions))
+    assert out["clean_ci95"] == pytest.approx(1.96 * np.std(fractions) / np.sqrt(len(fractions)))
+    assert 0 <= out["adv_acc"] <= 1 and "adv_ci95" in out
+    clean_only = evaluate_fewshot(_Method(), _Sampler(fractions), len(fractions), cfg, attack=False, progress=False)
+    assert "adv_acc" not in clean_only and "adv_ci95" not in clean_only
+
+
+def test_mean_ci95_edge_cases():
+    assert mean_ci95([0.5]) == (0.5, 0.0)
+    assert all(math.isnan(v) for v in mean_ci95([]))
+
+
+def test_evaluate_fewshot_on_a_method_attack_lowers_accuracy():
+    method = make_method("amt")
+
+    class S:
+        ways, shots = 3, 2
+
+        def sample(self, i):
+            return episode(i)
+
+    cfg = method.cfg
+    out = evaluate_fewshot(method, S(), 2, cfg, attack=True, progress=False)
+    assert 0 <= out["adv_acc"] <= out["clean_acc"] <= 1
+
+
+# --- adapters and the pool ----------------------------------------------------------------------------
+def test_adapter_round_trip_and_residual_check(tmp_path):
+    method = make_method("amt", member_eps=6.0)
+    members = random_members(method, 1)
+    with torch.no_grad():
+        for n, p in method.model.named_parameters():
+            if n in members[0]:
+                p.copy_(members[0][n])
+    path = method.save_adapter(tmp_path / "a.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["meta"]["eps"] == 6.0 and "scale_cls" in payload["tensors"]
+    other = make_method("amt")
+    other.load_adapter(path)
+    for n, t in payload["tensors"].items():
+        torch.testing.assert_close(other.model.get_parameter(n).detach(), t)
+    wrong = make_method("amt", rank=2)  # another residual: refused
+    with pytest.raises(ValueError):
+        wrong.load_adapter(path)
+
+
+def test_pool_trains_members_writes_manifest_and_merges(tmp_path):
+    ep = episode(3)
+    calls = []
+
+    def run_member(overrides, out_dir):
+        calls.append(overrides)
+        m = make_method("amt", **{k: v for k, v in overrides.items()})
+        engine = PlainEngine(m.model, m.make_optimizer())
+        m.train_step(engine, episode(len(calls)), TrainContext(epoch=0, step=0, steps_per_epoch=1))
+        m.end_epoch(0, {"val_fewshot_acc": 0.5})  # the selected epoch saves the adapter
+        return {"id": f"member{len(calls)}"}
+
+    cfg = AMTConfig(pool_size=2)
+    manifest_path = run_pool(cfg, tmp_path, run_member)
+    manifest = json.loads(manifest_path.read_text())
+    assert [m["eps"] for m in manifest["members"]] == [0.01, 8.0] == [c["member_eps"] for c in calls]
+    assert all((tmp_path / m["adapter"]).is_file() for m in manifest["members"])
+    run_pool(cfg, tmp_path, run_member)  # finished members are not rerun... when their result.json exists
+    assert len(plan_pool(cfg, tmp_path)) == 2
+
+    merged = make_method("amt", pool_dir=str(tmp_path))
+    assert len(merged.members) == 2
+    clf = merged.episode_classifier(ep.support_x, ep.support_y)
+    w = merged.last_merge
+    assert len(w) == 2 and sum(w) == pytest.approx(1.0)
+    with torch.no_grad():
+        logits = clf.eval()(ep.query_x)
+    assert logits.shape == (9, 3) and torch.isfinite(logits).all()
+    # a pool of one member merges to exactly that member
+    one = json.loads(manifest_path.read_text())
+    one["members"] = one["members"][:1]
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    single = make_method("amt", pool_dir=str(tmp_path / "one.json"))
+    plain = make_method("amt")
+    plain.load_adapter(tmp_path / one["members"][0]["adapter"])
+    with torch.no_grad():
+        a = single.episode_classifier(ep.support_x, ep.support_y).eval()(ep.query_x)
+        b = plain.episode_classifier(ep.support_x, ep.support_y).eval()(ep.query_x)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# --- end to end -------------------------------------------------------------------------------------
+def bench(*args):
+    e = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "bench", *args], env=e, capture_output=True, text=True,
+                          timeout=900)
+
+
+EPISODIC = ["--set", "epochs=1", "--set", "episodes_per_epoch=3", "--set", "episodes=6", "--set", "val_episodes=2",
+            "--set", "eval_pgd_steps=2", "--set", "queries=5", "--set", "rank=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("pmf", []), ("amt", ["--set", "pool_size=2"])])
+def test_bench_run_episodic_end_to_end(shards_root, tmp_path, method, extra):
+    out = tmp_path / method
+    p = bench("run", "--method", method, "--dataset", "digits", "--backbone", "cifar_resnet18_aa",
+              "--data-root", str(shards_root), "--out", str(out), "--no-progress", *EPISODIC, *extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    fs = r["fewshot"]
+    assert fs["episodes"] == 6 and fs["ways"] == 5 and fs["shots"] == 1
+    for key in ("clean_acc", "clean_ci95", "adv_acc", "adv_ci95"):
+        assert key in fs and 0 <= fs[key] <= 1
+    if method == "amt":
+        pool = json.loads((out / "pool.json").read_text())
+        assert [m["eps"] for m in pool["members"]] == [0.01, 8.0]
+        assert all((out / m["adapter"]).is_file() for m in pool["members"])
