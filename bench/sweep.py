@@ -189,10 +189,18 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Tune's own result.json stays out of RESULTS
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     started = _init_ray(address, num_cpus, _trial_env())
+    import logging
+
+    # Tune's own result.json/progress.csv are switched off (see above); its "could not fetch metrics" is noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     import ray
     from ray import tune
 
     try:
+        if spec.gpus > 0 and not ray.cluster_resources().get("GPU"):
+            print(f"bench sweep: the Ray cluster has no GPU; running with gpus=0 instead of {spec.gpus:g} per "
+                  f"{'worker' if spec.workers > 1 else 'trial'}", flush=True)
+            spec.gpus = 0.0
         ctx = {"results": str(results), "data_root": str(data_root), "name": spec.name,
                "space_keys": sorted(spec.space), "metrics": {m: spec.metric_for(m) for m in spec.methods},
                "spec_fixed": {m: spec.overrides(m, 0, {}) for m in spec.methods},
@@ -200,7 +208,7 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                "storage": str(results / TUNE_DIR)}
         trainable = tune.with_parameters(sweep_trial, ctx=ctx)
         if spec.workers > 1:  # the Tune trial only drives a TorchTrainer; the workers hold the resources
-            trainable = tune.with_resources(trainable, {"cpu": 0})
+            trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # a PG needs a non-empty bundle
         else:
             trainable = tune.with_resources(trainable, {"cpu": spec.cpus, "gpu": spec.gpus})
         if resume:
@@ -329,6 +337,12 @@ def _report_metrics(row: dict, metric: str) -> dict[str, Any]:
         value = row.get("val_clean_acc", row.get("val_fewshot_acc"))
     out[OBJECTIVE] = float(value) if value is not None else float("nan")
     out["metric_name"] = metric
+    try:
+        import ray
+
+        out["node_id"] = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - informative only
+        pass
     return out
 
 
@@ -360,6 +374,24 @@ def _restore_checkpoint(out_dir: Path) -> None:
                 shutil.copy2(f, target / f.name)
 
 
+def _log_attempt(out_dir: Path) -> None:
+    """One line per start of this trial (first run, retry after a failure, resume): node and start epoch."""
+    import ray
+
+    start_epoch = 0
+    last = out_dir / "checkpoints" / "last.rank0.pt"
+    if last.exists() and (out_dir / "history.json").exists():
+        try:
+            start_epoch = len(json.loads((out_dir / "history.json").read_text()))
+        except (OSError, json.JSONDecodeError):
+            pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    line = {"time": time.time(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "start_epoch": start_epoch, "resumed": last.exists()}
+    with open(out_dir / "attempts.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def _trial_setup(config: dict, ctx: dict, trial_id: str):
     from bench.config import resolve_config
 
@@ -385,6 +417,7 @@ def sweep_trial(config: dict, ctx: dict) -> None:
     from bench.trial import run_trial, write_error_result
 
     _restore_checkpoint(out_dir)
+    _log_attempt(out_dir)
     reported = []
 
     def on_epoch(row: dict, ckpt_dir: Path) -> None:

@@ -200,8 +200,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for key in list(spec.fixed) + [k for b in spec.per_method.values() for k in b] + list(space_raw):
         if key in RESERVED:
             raise _fail(path, str(key), "set by the sweep (use methods:)")
-    for key in ("dataset", "backbone", "seed"):
-        if key in spec.fixed or key in space_raw:
+    for key in ("dataset", "backbone", "seed"):  # top-level keys; dataset and backbone may also be swept
+        if key in spec.fixed or (key == "seed" and key in space_raw):
             raise _fail(path, f"fixed.{key}" if key in spec.fixed else f"space.{key}",
                         f"use the top-level key {key + 's' if key == 'seed' else key}:")
 

@@ -303,6 +303,8 @@ class Trial:
             if stop:
                 break
         bar.close()
+        if self.rank != 0:  # evaluation needs no collectives: rank 0 alone evaluates and reports
+            return {"status": "ok", "rank": self.rank, "history": history}
         best = checkpoint_path(self.ckpt_dir, "best")
         selected_epoch = None
         if best.exists():  # evaluate the checkpoint that validation selected

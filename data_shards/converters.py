@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .manifest import MANIFEST, write_manifest
-from .writer import encode_image, make_sample, sha256_file
+from .writer import TAR_MTIME, encode_image, make_sample, sha256_file
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 VAL_FRACTION = 0.05
@@ -270,7 +270,7 @@ def _write_shard(path: str, split: str, start: int, items, size, fmt) -> dict:
 
     tmp = path + ".tmp"
     sizes = set()
-    with wds.TarWriter(tmp, encoder=False) as sink:
+    with wds.TarWriter(tmp, encoder=False, mtime=TAR_MTIME) as sink:
         for k, (ref, label) in enumerate(items):
             try:
                 im = _load(ref, size)

@@ -63,10 +63,64 @@ def _split_name(fname: str):
     return (d + "/" + stem if d else stem), ext.lower()
 
 
+def _read_exact(f, n: int) -> bytes:
+    out = f.read(n)
+    while len(out) < n:  # sockets and pipes may return short reads
+        more = f.read(n - len(out))
+        if not more:
+            break
+        out += more
+    return out
+
+
+def _tar_members(f):
+    """(name, data) of the regular files of a tar stream. A small ustar/pax reader: Python's tarfile spends
+    more time parsing headers than PIL spends decoding 32x32 PNGs. Bad checksums and short reads raise."""
+    pax = {}
+    while True:
+        hdr = _read_exact(f, 512)
+        if len(hdr) == 0:
+            return  # end of stream without the end-of-archive blocks: the count check catches truncation
+        if len(hdr) < 512:
+            raise EOFError("unexpected end of data in a tar header")
+        if hdr == b"\0" * 512:
+            return
+        chk = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        if chk != sum(hdr) - sum(hdr[148:156]) + 256:
+            raise tarfile.HeaderError("bad tar header checksum")
+        size_field = hdr[124:136]
+        size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
+                else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8))
+        typ = hdr[156:157]
+        name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8")
+        if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
+            name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+        if "size" in pax:
+            size = int(pax["size"])
+        if "path" in pax:
+            name = pax["path"]
+        data = _read_exact(f, size)
+        if len(data) < size:
+            raise EOFError(f"unexpected end of data in member {name}")
+        pad = (-size) % 512
+        if pad and len(_read_exact(f, pad)) < pad:
+            raise EOFError(f"unexpected end of data after member {name}")
+        if typ in (b"x", b"g"):  # pax extended header for the next member
+            pax = {}
+            for rec in data.decode("utf-8").split("\n"):
+                if " " in rec and "=" in rec:
+                    k, v = rec.split(" ", 1)[1].split("=", 1)
+                    pax[k] = v
+            continue
+        pax = {}
+        if typ in (b"0", b"\0", b"7"):
+            yield name, data
+
+
 def iter_shard(loc: str, expected: Optional[int] = None, limit: Optional[int] = None) -> Iterator[dict]:
     """Raw samples (dicts of bytes) of one shard, in order. Stops after `limit` samples.
 
-    A truncated shard is caught two ways: tarfile errors mid-member, and a sample count that differs from
+    A truncated shard is caught two ways: read errors mid-member, and a sample count that differs from
     the manifest's `expected` (a cut exactly at a member boundary reads as a clean, shorter tar).
     """
     last = None
@@ -77,28 +131,26 @@ def iter_shard(loc: str, expected: Optional[int] = None, limit: Optional[int] = 
         raise ShardError(f"cannot open shard {loc}: {e}") from e
     try:
         cur = None
-        with tarfile.open(fileobj=f, mode="r|") as tf:
-            for ti in tf:
-                if not ti.isreg():
-                    continue
-                key, ext = _split_name(ti.name)
-                data = tf.extractfile(ti).read()
-                if cur is not None and cur["__key__"] != key:
-                    yield cur
-                    n += 1
-                    if limit is not None and n >= limit:
-                        return
-                    cur = None
-                if cur is None:
-                    cur = {"__key__": key}
-                    last = key
-                cur[ext] = data
+        for fname, data in _tar_members(f):
+            key, ext = _split_name(fname)
+            if cur is not None and cur["__key__"] != key:
+                yield cur
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+                cur = None
+            if cur is None:
+                cur = {"__key__": key}
+                last = key
+            if ext in cur:
+                raise ValueError(f"duplicate file {fname}")
+            cur[ext] = data
         if cur is not None:
             yield cur
             n += 1
     except ShardError:
         raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeDecodeError) as e:
         raise ShardError(f"corrupt or truncated shard {loc} (at sample key {last}): {e}") from e
     finally:
         f.close()

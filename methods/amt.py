@@ -167,6 +167,8 @@ class AMT(PMF):
         self.train_eps = (cfg.member_eps / 255.0) if cfg.member_eps is not None else cfg.eps
         self.members: list[dict[str, Any]] = []  # loaded pool members (test-time merging)
         self.last_merge: list[float] | None = None
+        self._merge_sum: list[float] | None = None  # running sum of merge weights over episodes (summary)
+        self._merge_n = 0
         self._warned_zero3 = False
         self._gen = torch.Generator().manual_seed(cfg.seed)
         if cfg.pool_dir:
@@ -296,15 +298,20 @@ class AMT(PMF):
                                   trim_pattern=cfg.trim_modules)
             feats = torch.func.functional_call(self.model, ov, (support_x,), strict=False).float()
         self.last_merge = weights.tolist()
+        self._merge_sum = [a + b for a, b in zip(self._merge_sum or [0.0] * len(weights), self.last_merge)]
+        self._merge_n += 1
         scale = sum(float(w) * s["scale_cls"] for w, s in zip(weights, states))
-        bias = sum(float(w) * s.get("bias", torch.zeros(())).to(device) for w, s in zip(weights, states))
+        bias = sum(float(w) * s.get("bias", torch.zeros(1)).to(device) for w, s in zip(weights, states))
         return ProtoClassifier(self.model, prototypes(feats, support_y, ways), scale, bias, overrides=ov)
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()
-        out["train_eps"] = self.train_eps
         if self.members:
             out["pool"] = [{"eps": m["eps"], "adapter": m["adapter"]} for m in self.members]
             out["merge"] = {"top_k": self.cfg.merge_top_k, "lambda": self.cfg.merge_lambda,
                             "beta": self.cfg.merge_beta, "trim_rho": self.cfg.trim_rho}
+            if self._merge_n:  # mean weight of each member over the episodes merged so far
+                out["merge"]["mean_weights"] = [w / self._merge_n for w in self._merge_sum]
+        else:
+            out["train_eps"] = self.train_eps
         return out

@@ -72,8 +72,9 @@ class ProtoNet(nn.Module):
                  freeze_norm: bool = True):
         super().__init__()
         self.backbone = backbone
-        self.scale_cls = nn.Parameter(torch.tensor(float(scale_init)))
-        self.bias = nn.Parameter(torch.zeros(()), requires_grad=learn_bias)
+        # shape [1], not scalars: DeepSpeed's parameter broadcast cannot view 0-dim tensors
+        self.scale_cls = nn.Parameter(torch.full((1,), float(scale_init)))
+        self.bias = nn.Parameter(torch.zeros(1), requires_grad=learn_bias)
         self.freeze_norm = freeze_norm
 
     def train(self, mode: bool = True):

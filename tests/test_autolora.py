@@ -397,6 +397,60 @@ def test_end_epoch_sets_lr_and_records_trajectories():
     assert other.current_lr() == pytest.approx(0.005) and other.summary() == method.summary()
 
 
+# --- through the DeepSpeed engine (one process, own interpreter: it sets up torch.distributed) -------------
+DS_SCRIPT = r"""
+import copy, sys, torch
+sys.path.insert(0, %(tests)r)
+from test_autolora import TinyClassifier, PlainEngine, data, perturb_lora
+from methods.autolora import AutoLoRa, AutoLoRaConfig
+from methods.base import TrainContext
+from bench.engine import build_engine
+
+def run(stage, lambda1, lambda2):
+    torch.manual_seed(0)
+    cfg = AutoLoRaConfig(weight_decay=0.0, train_attack_steps=2, batch_size=8, lr=0.1, zero_stage=stage)
+    m = AutoLoRa(cfg, TinyClassifier(), 4)
+    perturb_lora(m)
+    opt = m.make_optimizer()
+    engine = PlainEngine(m.model, opt) if stage is None else build_engine(m.model, opt, cfg)
+    m.lambda1, m.lambda2 = lambda1, lambda2
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    for seed in range(2):
+        torch.manual_seed(seed)
+        m.train_step(engine, data(), TrainContext(steps_per_epoch=2))
+    return before, {n: p.detach().clone() for n, p in m.model.named_parameters()}
+
+for stage in (0, 2):
+    for l1, l2 in ((1.0, 0.0), (0.0, 0.0), (0.4, 3.0)):
+        b0, plain = run(None, l1, l2)
+        b1, ds = run(stage, l1, l2)
+        diff = max((plain[n] - ds[n]).abs().max().item() for n in plain)
+        lora_moved = any(not torch.equal(b1[n], ds[n]) for n in ds if ".lora_" in n)
+        base_moved = any(not torch.equal(b1[n], ds[n]) for n in ds if ".lora_" not in n and not n.startswith("head."))
+        print("RESULT", stage, l1, l2, diff, lora_moved, base_moved)
+"""
+
+
+def test_deepspeed_engine_matches_plain_step(tmp_path):
+    """ZeRO 0 and 2: two AutoLoRa steps through DeepSpeed give the plain-PyTorch weights, and the routing
+    holds (natural term only: base unchanged; adversarial term only: LoRA unchanged)."""
+    env = _env(tmp_path)
+    script = DS_SCRIPT % {"tests": str(Path(__file__).parent)}
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split()[1:] for line in p.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(rows) == 6
+    for stage, l1, l2, diff, lora_moved, base_moved in rows:
+        assert float(diff) < 1e-5, (stage, l1, l2, diff)
+        if (l1, l2) == ("1.0", "0.0"):
+            assert lora_moved == "True" and base_moved == "False"
+        if (l1, l2) == ("0.0", "0.0"):
+            assert lora_moved == "False" and base_moved == "True"
+        if (l1, l2) == ("0.4", "3.0"):
+            assert lora_moved == "True" and base_moved == "True"
+
+
 # --- end to end through `bench run` ---------------------------------------------------------------------
 def _env(tmp_path):
     env = dict(os.environ)
@@ -441,13 +495,23 @@ def test_bench_run_end_to_end(tmp_path):
     _check_result(out)
 
 
+# The reader splits training shards between ranks: each rank must get the same number of batches, so the
+# run takes two full digits shards (500 samples each: max_train_samples=2000 -> 1000 per rank -> 500 each).
+# With fewer shards than ranks a rank gets no batch and DeepSpeed's gradient all-reduce waits for it.
+ZERO2_ARGS = ["--method", "autolora", "--dataset", "digits", "--backbone", "cifar_resnet18_aa",
+              "--set", "epochs=1", "--set", "max_train_samples=2000", "--set", "batch_size=64",
+              "--set", "n_eval=32", "--set", "n_val=32", "--set", "autoattack_version=off",
+              "--set", "train_attack_steps=1", "--set", "val_pgd_steps=1", "--set", "eval_pgd_steps=1",
+              "--set", "zero_stage=2", "--no-progress"]
+
+
 @pytest.mark.slow
 def test_bench_run_zero2_two_processes(tmp_path):
     env = _env(tmp_path)
     _ensure_digits(env)
     out = tmp_path / "run_zero2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "bench", "run", *RUN_ARGS, "--set", "zero_stage=2", "--out", str(out)]
+           str(_free_port()), "-m", "bench", "run", *ZERO2_ARGS, "--out", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     result = _check_result(out)

@@ -1,0 +1,273 @@
+"""Ray Tune sweeps: schema validation, ASHA, resume after a kill, error trials, a 2-node cluster with a lost
+node, and a 2-worker DeepSpeed ZeRO-2 trial (TorchTrainer inside Tune) against a 1-worker one.
+
+Local Ray with at most 2 CPUs; backbone tiny_cnn and the rft/ft baselines with tiny budgets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {"epochs": 2, "max_train_samples": 128, "n_eval": 64, "n_val": 32, "train_attack_steps": 1,
+        "eval_pgd_steps": 2, "val_pgd_steps": 1, "autoattack_version": "off", "batch_size": 64}
+
+
+def write_sweep(tmp_path: Path, name: str = "t", **kw) -> Path:
+    doc = {"name": name, "methods": ["rft"], "dataset": "digits", "backbone": "tiny_cnn",
+           "fixed": dict(TINY), "max_concurrent_trials": 2}
+    fixed = kw.pop("fixed", None)
+    if fixed:
+        doc["fixed"].update(fixed)
+    doc.update(kw)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def results_of(results: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(results.glob("*/result.json"))}
+
+
+def sweep_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "bench", "sweep", *map(str, args)]
+
+
+def _env(shards_root: Path) -> dict:
+    env = dict(os.environ, BENCH_SHARDS=str(shards_root), WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    return env
+
+
+# ------------------------------------------------------------------------------------------- schema
+
+def _err(tmp_path, text: str) -> str:
+    from bench.sweep_space import SweepError, load_sweep
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(SweepError) as ei:
+        load_sweep(path)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_schema_errors(tmp_path):
+    m = _err(tmp_path, "methods: [rft]\nschedular: asha\n")
+    assert "schedular" in m and "scheduler" in m  # names the key and the valid ones
+    m = _err(tmp_path, "methods: [nope]\n")
+    assert "nope" in m and "rft" in m
+    m = _err(tmp_path, "methods: [rft]\nscheduler: hyperband\n")
+    assert "hyperband" in m and "fifo, asha" in m
+    m = _err(tmp_path, "methods: [rft]\nsearch: bohb\n")
+    assert "random, optuna" in m
+    m = _err(tmp_path, "methods: [rft]\nspace: {lr: {loguniform: [0.1, 0.01]}}\n")
+    assert "space.lr.loguniform" in m and "must be <" in m
+    m = _err(tmp_path, "methods: [rft]\nspace: {lr: {loguniform: [0, 0.1]}}\n")
+    assert "> 0" in m
+    m = _err(tmp_path, "methods: [rft]\nspace: {lr: {normal: [0, 1]}}\n")
+    assert "grid, choice, uniform, loguniform, randint" in m
+    m = _err(tmp_path, "methods: [rft]\nfixed: {rank: 4}\n")  # an autolora/pmf field, not rft's
+    assert "fixed.rank" in m and "method rft" in m and "epochs" in m
+    m = _err(tmp_path, "methods: [rft]\nspace: {eps: {uniform: [0, 2]}}\n")  # eps in [0, 1]
+    assert "space.eps" in m and "eps" in m
+    m = _err(tmp_path, "methods: [rft]\nfixed: {autoattack_version: fast}\n")
+    assert "apgd-ce" in m
+    m = _err(tmp_path, "methods: [rft]\nresources: {gpu: 1}\n")
+    assert "resources.gpu" in m and "cpus, gpus, workers" in m
+    m = _err(tmp_path, "methods: [rft]\nresources: {gpus: -1}\n")
+    assert "resources.gpus" in m
+    m = _err(tmp_path, "methods: [rft]\nmode: maximize\n")
+    assert "max, min" in m
+    m = _err(tmp_path, "methods: [rft, ft]\nsearch: optuna\nspace: {lr: {uniform: [0.001, 0.1]}}\n")
+    assert "optuna" in m
+    m = _err(tmp_path, "methods: [rft]\nper_method: {amt: {pool_size: 2}}\n")
+    assert "per_method.amt" in m
+
+
+def test_shipped_spaces_validate():
+    from bench.sweep_space import load_sweep
+
+    smoke = load_sweep(ROOT / "tune_spaces" / "smoke.yaml")
+    assert set(smoke.methods) == {"rft", "ft", "autolora", "amt", "pmf"}
+    assert smoke.backbone == "cifar_resnet18_aa" and smoke.dataset == "digits"
+    for f in sorted((ROOT / "tune_spaces").glob("*.yaml")):
+        spec = load_sweep(f)
+        assert spec.n_trials() >= 1, f
+
+
+def test_cli_check_and_error_exit(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [rft]\nnum_samples: 0\n")
+    out = subprocess.run([sys.executable, "-m", "bench", "sweep", str(bad)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "num_samples" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = subprocess.run([sys.executable, "-m", "bench", "sweep", str(ROOT / "tune_spaces" / "smoke.yaml"),
+                          "--check"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "5 trials" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+@pytest.fixture
+def ray_2cpu():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"WANDB_MODE": "offline",
+                                                                         "PYTHONPATH": str(ROOT)}})
+    yield
+    ray.shutdown()
+
+
+def test_asha_sweep_four_trials(tmp_path, shards_root, ray_2cpu):
+    from bench.sweep import run_sweep
+    from bench.sweep_space import load_sweep
+
+    path = write_sweep(tmp_path, "asha", fixed={"epochs": 3}, methods=["rft", "ft"],
+                       space={"lr": {"grid": [0.001, 0.05]}},
+                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    spec = load_sweep(path)
+    assert spec.n_trials() == 4
+    res = tmp_path / "res"
+    summary = run_sweep(spec, res, data_root=shards_root, leaderboard=True, verbose=0)
+    assert summary["n_trials"] == 4 and summary["n_error"] == 0
+    files = results_of(res)
+    assert len(files) == 4
+    ok = [r for r in files.values() if r["status"] == "ok"]
+    assert ok, files  # ASHA may stop some early; those say so
+    for r in files.values():
+        assert r["status"] in ("ok", "stopped")
+    for r in ok:
+        assert r["sweep"]["name"] == "asha" and set(r["sweep"]["swept"]) == {"method", "seed", "lr"}
+        assert r["config"]["lr"] in (0.001, 0.05) and r["backbone"] == "tiny_cnn"
+        assert 0 <= r["metrics"]["clean_acc"] <= 1
+    assert (res / "leaderboard.md").exists()
+
+
+def test_error_trial_others_finish(tmp_path, shards_root, ray_2cpu):
+    from bench.sweep import run_sweep
+    from bench.sweep_space import load_sweep
+
+    # weights that do not exist: the trial fails at run time (backbones are resolved inside the trial)
+    path = write_sweep(tmp_path, "err", fixed={"epochs": 1}, max_failures=0,
+                       space={"backbone": {"grid": ["tiny_cnn", "tiny_cnn@/nonexistent/weights.pt"]}})
+    res = tmp_path / "res"
+    summary = run_sweep(load_sweep(path), res, data_root=shards_root, leaderboard=True, verbose=0)
+    files = results_of(res)
+    assert summary["n_trials"] == 2 and summary["n_error"] == 1 and summary["n_ok"] == 1
+    assert sorted(r["status"] for r in files.values()) == ["error", "ok"], files
+    err = next(r for r in files.values() if r["status"] == "error")
+    assert "backbone" in err["error"] and err["sweep"]["swept"]["backbone"].startswith("tiny_cnn@")
+    assert (res / "leaderboard.md").exists()  # the leaderboard is built from the trial that finished
+
+
+@pytest.mark.slow
+def test_kill_and_resume(tmp_path, shards_root):
+    path = write_sweep(tmp_path, "resume", fixed={"epochs": 2}, space={"lr": {"grid": [0.01, 0.02, 0.03, 0.04]}},
+                       max_concurrent_trials=1)
+    res = tmp_path / "res"
+    env = _env(shards_root)
+    proc = subprocess.Popen(sweep_cmd(path, "--results", res, "--num-cpus", "2", "--no-leaderboard"), cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and first is None:
+            for name, r in results_of(res).items():
+                if r.get("status") == "ok":
+                    first = name
+            time.sleep(0.5)
+        assert first, "no trial finished before the kill"
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep driver and the Ray it started
+        proc.wait()
+    before = results_of(res)
+    assert len([r for r in before.values() if r.get("status") == "ok"]) < 4
+    mtime = (res / first / "result.json").stat().st_mtime
+    out = subprocess.run(sweep_cmd(path, "--results", res, "--num-cpus", "2", "--resume"), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = results_of(res)
+    assert len(after) == 4 and all(r["status"] == "ok" for r in after.values()), after
+    assert (res / first / "result.json").stat().st_mtime == mtime  # the finished trial was not rerun
+    assert sorted(r["config"]["lr"] for r in after.values()) == [0.01, 0.02, 0.03, 0.04]
+    assert (res / "leaderboard.md").exists()
+
+
+@pytest.mark.slow
+def test_two_node_cluster_and_node_loss(tmp_path, shards_root):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    cluster.wait_for_nodes()
+    try:
+        path = write_sweep(tmp_path, "nodes", fixed={"epochs": 4}, space={"lr": {"grid": [0.01, 0.02]}},
+                           max_failures=3)
+        res = tmp_path / "res"
+        proc = subprocess.Popen(sweep_cmd(path, "--results", res, "--address", cluster.address, "--no-leaderboard"),
+                                cwd=ROOT, env=_env(shards_root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        # wait until both trials have finished an epoch (a checkpoint exists), then lose a node
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            hist = [json.loads(p.read_text()) for p in res.glob("*/history.json")]
+            if len(hist) == 2 and all(len(h) >= 1 for h in hist):
+                break
+            time.sleep(0.3)
+        else:
+            proc.kill()
+            pytest.fail("trials did not start on the cluster")
+        victim = nodes[0]
+        cluster.remove_node(victim, allow_graceful=False)
+        cluster.add_node(num_cpus=1)  # capacity comes back, as an autoscaler would bring it
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out[-4000:]
+        files = results_of(res)
+        assert len(files) == 2 and all(r["status"] == "ok" for r in files.values()), files
+        attempts = {name: [json.loads(line) for line in (res / name / "attempts.jsonl").read_text().splitlines()]
+                    for name in files}
+        nodes_used = {a["node_id"] for runs in attempts.values() for a in runs}
+        assert len(nodes_used) >= 2  # trials landed on both nodes
+        retried = [runs for runs in attempts.values() if len(runs) > 1]
+        assert retried, attempts  # the trial on the lost node was retried ...
+        assert retried[0][-1]["start_epoch"] >= 1  # ... from its checkpoint, not from scratch
+        for r in files.values():
+            assert [h["epoch"] for h in r["history"]] == [0, 1, 2, 3]
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_two_worker_deepspeed_zero2_matches_one_worker(tmp_path, shards_root, ray_2cpu):
+    """TorchTrainer inside the Tune trial, 2 DeepSpeed ZeRO-2 workers on CPU, against 1 worker."""
+    from bench.sweep import run_sweep
+    from bench.sweep_space import load_sweep
+
+    fixed = {"epochs": 3, "zero_stage": 2, "augment": False, "max_train_samples": 256, "batch_size": 64,
+             "train_attack_steps": 1, "lr": 0.01}
+    losses = {}
+    for workers in (1, 2):
+        path = write_sweep(tmp_path, f"w{workers}", fixed=fixed, resources={"cpus": 1, "workers": workers})
+        res = tmp_path / f"res{workers}"
+        summary = run_sweep(load_sweep(path), res, data_root=shards_root, leaderboard=False, verbose=0)
+        assert summary["n_error"] == 0
+        (r,) = results_of(res).values()
+        assert r["status"] == "ok"
+        losses[workers] = [h["train_loss"] for h in r["history"]]
+        if workers == 2:
+            assert list((res / next(iter(results_of(res))) / "checkpoints").glob("last.rank1.pt"))  # every rank saves
+    assert len(losses[1]) == len(losses[2]) == 3
+    for a, b in zip(losses[1], losses[2]):
+        assert abs(a - b) <= 0.1 * max(abs(a), 1e-3), losses
