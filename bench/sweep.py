@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -70,7 +69,8 @@ def run(args) -> int:
     results = (args.results or Path("results") / spec.name).resolve()
     summary = run_sweep(spec, results, address=args.address, resume=args.resume, data_root=args.data_root,
                         num_cpus=args.num_cpus, leaderboard=not args.no_leaderboard, wandb_log=args.wandb)
-    return 0 if summary["n_ok"] > 0 or summary["n_trials"] == 0 else 1
+    # 1 when a trial failed: the sweep still ran the others and built the leaderboard from them
+    return 1 if summary["n_error"] or any(v in ("error", "unreadable") for v in summary["result_files"].values()) else 0
 
 
 # ------------------------------------------------------------------------------------------- the driver
@@ -497,10 +497,6 @@ def train_worker_loop(loop_cfg: dict) -> None:
         if rank == 0:
             write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise
-
-
-def _nan_to_none(v):
-    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 if __name__ == "__main__":  # pragma: no cover

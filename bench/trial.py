@@ -148,7 +148,7 @@ class Trial:
     def _data(self):
         cfg = self.cfg
         per_rank = max(1, cfg.batch_size // self.world_size)
-        cap = None if cfg.max_train_samples is None else max(1, cfg.max_train_samples // self.world_size)
+        cap = cfg.max_train_samples  # the reader caps the whole split, then splits it by node and worker
         if self.method_cls.episodic:
             from data_shards.episodes import EpisodeSampler
 
@@ -189,9 +189,8 @@ class Trial:
 
     def _train_batches(self):
         cfg = self.cfg
-        cap = None if cfg.max_train_samples is None else max(1, cfg.max_train_samples // self.world_size)
         loader = make_loader(self.ds_dir, "train", cfg.eval_batch_size, train=False, image_size=cfg.image_size,
-                             max_samples=cap)
+                             max_samples=cfg.max_train_samples)
         for x, y in loader:
             yield x.to(self.device), y.to(self.device)
 

@@ -171,8 +171,10 @@ def _fit(im: Image.Image, size) -> Image.Image:
     return im.crop((left, top, left + W, top + H))
 
 
-def decode_sample(sample: dict, loc: str, size=None):
-    """(float32 CHW tensor in [0,1], int label) from a raw sample; errors name the shard and the key."""
+def decode_sample(sample: dict, loc: str, size=None, as_uint8: bool = False):
+    """(float32 CHW tensor in [0,1], int label) from a raw sample; errors name the shard and the key.
+
+    as_uint8=True returns the uint8 CHW tensor instead (the streaming pipeline converts whole batches)."""
     key = sample.get("__key__")
     bad = set(sample) - ALLOWED_KEYS
     if bad:
@@ -188,7 +190,9 @@ def decode_sample(sample: dict, loc: str, size=None):
             im = im.convert("RGB")
         if size is not None:
             im = _fit(im, size)
-        x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float().div_(255.0)
+        x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+        if not as_uint8:
+            x = x.float().div_(255.0)
         y = int(sample["cls"].decode("ascii"))
     except Exception as e:
         raise ShardError(f"cannot decode sample {key} in shard {loc}: {e}") from e
@@ -238,7 +242,7 @@ def load_split(ds_dir, split: str, max_samples: Optional[int] = None, image_size
 
 
 def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding + horizontal flip (the CIFAR recipe), on the float tensor."""
+    """Random crop with zero padding + horizontal flip (the CIFAR recipe); exact on uint8 or float."""
     _, H, W = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     i, j = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
@@ -276,7 +280,8 @@ class _Pipeline:
     def decode(self, src):
         for sh in src:
             for s in iter_shard(sh["url"], sh["expected"], sh["limit"]):
-                yield decode_sample(s, sh["url"], self.size)
+                # uint8 until the final batch: 4x less memory in the shuffle buffer and between processes
+                yield decode_sample(s, sh["url"], self.size, as_uint8=True)
 
     def shuffle(self, src):
         rng = random.Random(str(self._rng_key()))
@@ -375,15 +380,18 @@ class ShardLoader:
             if len(y) > left:
                 x, y = x[:left], y[:left]
             left -= len(y)
+            if have == 0 and len(y) == self.batch_size:  # the common case: no copy
+                yield x.float().div_(255.0), y
+                continue
             bx.append(x)
             by.append(y)
             have += len(y)
             while have >= self.batch_size:
                 X, Y = torch.cat(bx), torch.cat(by)
-                yield X[:self.batch_size], Y[:self.batch_size]
+                yield X[:self.batch_size].float().div_(255.0), Y[:self.batch_size]
                 bx, by, have = [X[self.batch_size:]], [Y[self.batch_size:]], have - self.batch_size
         if have and not self.drop_last:
-            yield torch.cat(bx), torch.cat(by)
+            yield torch.cat(bx).float().div_(255.0), torch.cat(by)
 
 
 def make_loader(ds_dir, split, batch_size, *, train=False, augment=False, image_size=None, shuffle_buffer=2000,

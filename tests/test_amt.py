@@ -22,7 +22,7 @@ from bench.fewshot import evaluate_fewshot, mean_ci95
 from methods import get_method
 from methods.amt import AMT, AMTConfig, kl_div, pool_eps_list, pyramid_attack
 from methods.base import Episode, TrainContext
-from methods.lora_svd import MergedQKVLoRA, apply_svd_lora, lora_sites, site_keys, site_weight
+from methods.lora_svd import apply_svd_lora, lora_sites, site_keys, site_weight
 from methods.merge import merge_weights, merged_overrides, trim_rank
 from methods.pmf import PMF, prototypes
 
@@ -400,8 +400,8 @@ def bench(*args):
                           timeout=900)
 
 
-EPISODIC = ["--set", "epochs=1", "--set", "episodes_per_epoch=3", "--set", "episodes=6", "--set", "val_episodes=2",
-            "--set", "eval_pgd_steps=2", "--set", "queries=5", "--set", "rank=4"]
+EPISODIC = ["--set", "epochs=1", "--set", "episodes_per_epoch=2", "--set", "episodes=4", "--set", "val_episodes=1",
+            "--set", "eval_pgd_steps=1", "--set", "queries=3", "--set", "rank=4"]
 
 
 @pytest.mark.slow
@@ -413,7 +413,7 @@ def test_bench_run_episodic_end_to_end(shards_root, tmp_path, method, extra):
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "result.json").read_text())
     fs = r["fewshot"]
-    assert fs["episodes"] == 6 and fs["ways"] == 5 and fs["shots"] == 1
+    assert fs["episodes"] == 4 and fs["ways"] == 5 and fs["shots"] == 1
     for key in ("clean_acc", "clean_ci95", "adv_acc", "adv_ci95"):
         assert key in fs and 0 <= fs[key] <= 1
     if method == "amt":

@@ -183,6 +183,23 @@ def test_target_patterns_on_timm(name, pattern, count):
     assert not any(n.endswith(("encoder.conv1", "head", "fc")) for n in names)
 
 
+@pytest.mark.parametrize("name,targets,kwargs", [("resnet18", "resnet", {}),
+                                                  ("vit_tiny_patch16_224", "vit", {"img_size": 16})])
+def test_one_step_on_timm_backbones(name, targets, kwargs):
+    """The method is not tied to the tiny net: one step on a timm ResNet (BN) and a timm ViT (LayerNorm)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    encoder = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    backbone = TinyClassifier()
+    backbone.encoder = encoder
+    backbone.head = nn.Linear(encoder.num_features, 4)
+    cfg = AutoLoRaConfig(target_modules=targets, train_attack_steps=1, batch_size=4, weight_decay=0.0)
+    method = AutoLoRa(cfg, backbone, 4)
+    engine = PlainEngine(method.model, method.make_optimizer())
+    before = step_with(method, engine, lambda1=0.5, lambda2=1.0)
+    assert moved(before, method.model, is_lora) and moved(before, method.model, lambda n: "base_layer" in n)
+
+
 # --- branches -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("form", FORMS)
 def test_main_branch_equals_backbone_and_branches_agree_at_init(form):
@@ -221,7 +238,7 @@ def test_reference_forward_matches_delta_weight(form):
 # --- gradient routing -----------------------------------------------------------------------------------
 def step_with(method, engine, lambda1, lambda2):
     method.lambda1, method.lambda2 = lambda1, lambda2
-    x, y = data()
+    x, y = data(method.cfg.batch_size)
     before = snapshot(method.model)
     logs = method.train_step(engine, (x, y), TrainContext(steps_per_epoch=1))
     assert all(math.isfinite(v) for v in logs.values())

@@ -74,6 +74,7 @@ def test_round_trip_eval_order(tiny):
     got = [(x, y) for x, y in L]
     assert len(got) == len(L) == 6 and all(len(y) == 16 for _, y in got[:-1])
     assert _ids(torch.cat([x for x, _ in got])) == list(range(N))
+    assert torch.equal(torch.cat([x for x, _ in got]), X)  # streaming and eager decode agree exactly
 
 
 def test_train_shuffles_and_covers(tiny):
