@@ -69,15 +69,52 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = False, im
     if image_size is not None and "vit" in name:
         kwargs["img_size"] = image_size  # timm interpolates position embeddings when loading weights
     encoder = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0, **kwargs)
+    cfg = encoder.pretrained_cfg or {}
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     if weights is not None:
         state = load_state_dict_file(weights)
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("fc.", "head.", "classifier."))]
-        if missing:
-            raise ValueError(f"checkpoint {weights} does not fit {name}: {len(missing)} missing keys, e.g. {missing[:3]}")
-    cfg = encoder.pretrained_cfg or {}
-    return ImageClassifier(encoder, encoder.num_features, num_classes,
-                           mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
+        if is_madry_checkpoint(state):
+            state, mean, std = convert_madry_checkpoint(state)
+        if "vit" in name:  # resamples position embeddings to the requested image size
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            state = checkpoint_filter_fn(state, encoder)
+        report = load_report(encoder, state)
+        if report["missing"] or report["unexpected"]:
+            raise ValueError(f"checkpoint {weights} does not fit {name}: {len(report['missing'])} missing keys "
+                             f"(e.g. {report['missing'][:3]}), {len(report['unexpected'])} unexpected "
+                             f"(e.g. {report['unexpected'][:3]})")
+        print(f"loaded {weights} into {name}: {report['matched']} tensors matched, head left out")
+    return ImageClassifier(encoder, encoder.num_features, num_classes, mean=mean, std=std)
+
+
+_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head_dist.")
+
+
+def load_report(encoder: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """Load ``state`` (classifier heads left out) and say what matched; shape mismatches raise in torch."""
+    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
+    return {"matched": len(state) - len(unexpected), "missing": missing, "unexpected": list(unexpected)}
+
+
+def is_madry_checkpoint(state: dict) -> bool:
+    return any(k.startswith("module.model.") for k in state)
+
+
+def convert_madry_checkpoint(state: dict[str, torch.Tensor]):
+    """MadryLab ``robustness`` checkpoints (the AutoLoRa paper's resnet{18,50}_linf_eps4.0.ckpt).
+
+    ``model`` holds ``module.model.*`` (torchvision ResNet names, which timm's ResNets share),
+    ``module.attacker.model.*`` (a duplicate for the attacker) and ``module.normalizer.new_mean/new_std``.
+    """
+    weights = {k[len("module.model."):]: v for k, v in state.items() if k.startswith("module.model.")}
+    mean = state.get("module.normalizer.new_mean")
+    std = state.get("module.normalizer.new_std")
+    mean = tuple(mean.flatten().tolist()) if mean is not None else IMAGENET_MEAN
+    std = tuple(std.flatten().tolist()) if std is not None else IMAGENET_STD
+    return weights, mean, std
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

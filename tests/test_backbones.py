@@ -1,0 +1,47 @@
+"""Checkpoint loaders on small fake checkpoints with the real key layouts."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from bench.backbones import create_backbone
+
+
+def _madry_ckpt(path, arch="resnet18", drop=None):
+    net = timm.create_model(arch, num_classes=1000)
+    state = {f"module.model.{k}": v for k, v in net.state_dict().items()}
+    state.update({f"module.attacker.model.{k}": v for k, v in net.state_dict().items()})
+    state["module.normalizer.new_mean"] = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    state["module.normalizer.new_std"] = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    if drop:
+        state.pop(f"module.model.{drop}")
+    torch.save({"model": state, "epoch": 90}, path)
+    return net
+
+
+def test_madry_robustness_checkpoint_loads_into_timm_resnet(tmp_path):
+    path = tmp_path / "resnet18_linf_eps4.0.ckpt"
+    net = _madry_ckpt(path)
+    model = create_backbone(f"resnet18@{path}", num_classes=7)
+    assert torch.equal(model.encoder.conv1.weight, net.conv1.weight)
+    assert torch.equal(model.encoder.layer4[1].bn2.running_var, net.layer4[1].bn2.running_var)
+    assert model.head.out_features == 7
+    assert torch.allclose(model.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_checkpoint_that_does_not_fit_is_an_error(tmp_path):
+    path = tmp_path / "broken.ckpt"
+    _madry_ckpt(path, drop="layer1.0.conv1.weight")
+    with pytest.raises(ValueError, match="1 missing keys"):
+        create_backbone(f"resnet18@{path}", num_classes=7)
+
+
+def test_vit_local_weights_at_128_interpolate_position_embeddings(tmp_path):
+    src = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    path = tmp_path / "vit.pth"
+    torch.save(src.state_dict(), path)
+    model = create_backbone(f"vit_tiny_patch16_224@{path}", num_classes=5, image_size=128)
+    assert model.encoder.pos_embed.shape[1] == 1 + (128 // 16) ** 2
+    assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert model(torch.rand(2, 3, 128, 128)).shape == (2, 5)
