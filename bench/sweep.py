@@ -39,6 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address ('auto' joins the running cluster); default: start Ray locally")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --results")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a previous sweep's --results folder (one holding sweep.json) and start afresh")
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="override resources.gpus (per worker when workers > 1); fractions allowed")
     p.add_argument("--workers-per-trial", type=int, default=None, help="override resources.workers")
@@ -67,6 +69,10 @@ def run(args) -> int:
         print(f"{spec.path}: ok, {spec.n_trials()} trials of {', '.join(spec.methods)}")
         return 0
     results = (args.results or Path("results") / spec.name).resolve()
+    if args.overwrite and not args.resume and results.exists():
+        if not (results / "sweep.json").exists():
+            raise ValueError(f"--overwrite: {results} does not look like a sweep's results folder (no sweep.json)")
+        shutil.rmtree(results)
     summary = run_sweep(spec, results, address=args.address, resume=args.resume, data_root=args.data_root,
                         num_cpus=args.num_cpus, leaderboard=not args.no_leaderboard, wandb_log=args.wandb)
     # 1 when a trial failed: the sweep still ran the others and built the leaderboard from them
