@@ -80,7 +80,8 @@ def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
 
 def run_trial(cfg: BaseConfig, out_dir: str | Path, *, data_root: str | Path | None = None,
               progress: bool = True, epoch_callback: EpochCallback | None = None, run_id: str | None = None,
-              group: str | None = None, sweep: dict | None = None, track: bool = True) -> dict[str, Any]:
+              group: str | None = None, sweep: dict | None = None, track: bool = True,
+              evaluate: bool = True) -> dict[str, Any]:
     out_dir = Path(out_dir)
     ds_dir = check_inputs(cfg, data_root)
     method_cls = get_method(cfg.method)
@@ -90,18 +91,20 @@ def run_trial(cfg: BaseConfig, out_dir: str | Path, *, data_root: str | Path | N
 
         def run_member(overrides: dict, member_out: Path) -> dict:
             member_cfg = type(cfg)(**{**cfg.to_dict(), **overrides})
+            # a member's own test evaluation would be thrown away: the pool is evaluated merged
             return run_trial(member_cfg, member_out, data_root=data_root, progress=progress, group=group,
-                             track=track)
+                             track=track, evaluate=False)
 
         pool_json = run_pool(cfg, out_dir, run_member)
         cfg = type(cfg)(**{**cfg.to_dict(), "pool_dir": str(Path(pool_json).parent)})
     return Trial(cfg, out_dir, ds_dir, progress=progress, epoch_callback=epoch_callback, run_id=run_id,
-                 group=group, sweep=sweep, track=track).run()
+                 group=group, sweep=sweep, track=track, evaluate=evaluate).run()
 
 
 class Trial:
     def __init__(self, cfg, out_dir: Path, ds_dir: Path, *, progress, epoch_callback, run_id, group, sweep,
-                 track):
+                 track, evaluate=True):
+        self.evaluate = evaluate
         self.cfg, self.out_dir, self.ds_dir = cfg, out_dir, ds_dir
         self.progress, self.epoch_callback, self.group, self.sweep, self.track = (
             progress, epoch_callback, group, sweep, track)
@@ -275,7 +278,7 @@ class Trial:
         history = [h for h in self._load_history() if h["epoch"] < start_epoch]
         bar = tqdm(desc=f"{cfg.method} on {cfg.dataset}", initial=start_epoch, total=cfg.epochs, unit="epoch",
                    disable=not self.progress or self.rank != 0)
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, cfg.epochs if self.method.needs_training else start_epoch):
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # resumable randomness per epoch
             t_epoch = time.time()
             logs = self._train_epoch(epoch)
@@ -311,7 +314,7 @@ class Trial:
             load_module_state(self.engine, state["model"])
             selected_epoch = state["epoch"]
         t_eval = time.time()
-        result = self._evaluate()
+        result = self._evaluate() if self.evaluate else self._identity()
         eval_s = time.time() - t_eval
         result.update({
             "cost": {"wall_s": time.time() - t0, "train_s": train_s, "eval_s": eval_s,
@@ -332,7 +335,7 @@ class Trial:
         path = self.out_dir / "history.json"
         return json.loads(path.read_text()) if path.exists() else []
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
         cfg = self.cfg
         result: dict[str, Any] = {
             "id": self.run_id, "method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
@@ -340,6 +343,11 @@ class Trial:
         }
         if self.sweep:
             result["sweep"] = self.sweep
+        return result
+
+    def _evaluate(self) -> dict[str, Any]:
+        cfg = self.cfg
+        result = self._identity()
         if self.method_cls.episodic:
             from bench.fewshot import evaluate_fewshot
 

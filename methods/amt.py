@@ -214,6 +214,10 @@ class AMT(PMF):
                     applied.append((p, d))
         return applied
 
+    @property
+    def needs_training(self) -> bool:
+        return not self.members  # a merging trial only evaluates its trained pool
+
     def train_step(self, engine, batch, ctx: TrainContext) -> dict[str, float]:
         cfg = self.cfg
         if self.members:  # a merging trial evaluates the trained pool; it has nothing of its own to train

@@ -192,6 +192,11 @@ class Method:
             self.best_val = score
         return EpochDecision(is_best=is_best)
 
+    @property
+    def needs_training(self) -> bool:
+        """False when the method has nothing of its own to train (e.g. AMT merging a trained pool)."""
+        return True
+
     # --- evaluation ---------------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
         """The network that is evaluated and attacked (inputs in [0, 1], logits out)."""

@@ -512,11 +512,12 @@ def test_bench_run_end_to_end(tmp_path):
     _check_result(out)
 
 
-# The reader splits training shards between ranks: each rank must get the same number of batches, so the
-# run takes two full digits shards (500 samples each: max_train_samples=2000 -> 1000 per rank -> 500 each).
-# With fewer shards than ranks a rank gets no batch and DeepSpeed's gradient all-reduce waits for it.
+# The reader caps the split, then splits its shards between ranks: each rank must get the same number of
+# batches, so the run takes exactly two full digits shards (500 samples each: max_train_samples=1000).
+# With fewer shards than ranks, or unequal shares, a rank runs out of batches first and DeepSpeed's
+# gradient all-reduce on the other rank fails ("Connection closed by peer").
 ZERO2_ARGS = ["--method", "autolora", "--dataset", "digits", "--backbone", "cifar_resnet18_aa",
-              "--set", "epochs=1", "--set", "max_train_samples=2000", "--set", "batch_size=64",
+              "--set", "epochs=1", "--set", "max_train_samples=1000", "--set", "batch_size=64",
               "--set", "n_eval=32", "--set", "n_val=32", "--set", "autoattack_version=off",
               "--set", "train_attack_steps=1", "--set", "val_pgd_steps=1", "--set", "eval_pgd_steps=1",
               "--set", "zero_stage=2", "--no-progress"]
