@@ -25,7 +25,7 @@ shards: setup
 	$(BIN)/python -m bench shards make digits
 
 bench: setup shards
-	$(BIN)/python -m bench sweep tune_spaces/smoke.yaml --results results/smoke
+	$(BIN)/python -m bench sweep tune_spaces/smoke.yaml --results results/smoke --overwrite
 
 # Headless Debian chromium for the leaderboard page test (tests/test_leaderboard.py); installed once.
 browser:

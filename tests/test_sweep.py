@@ -267,8 +267,8 @@ def small_shard_root(tmp_path_factory) -> Path:
 def test_two_worker_deepspeed_zero2_matches_one_worker(tmp_path, small_shard_root, ray_2cpu):
     """TorchTrainer inside the Tune trial, 2 DeepSpeed ZeRO-2 workers on CPU, against 1 worker.
 
-    A rank reads max_train_samples / world samples, split by shard: 2 ranks with max_train_samples=256 read
-    the same 128 samples (shards 0-3) as 1 rank with 128, in global batches of 64.
+    max_train_samples caps the whole split, which is then split by shard over the ranks: with 32-sample
+    shards, 2 ranks read shards {0, 2} and {1, 3}, the same 128 samples as 1 rank, in global batches of 64.
     """
     from bench.sweep import run_sweep
     from bench.sweep_space import load_sweep
@@ -276,7 +276,7 @@ def test_two_worker_deepspeed_zero2_matches_one_worker(tmp_path, small_shard_roo
     fixed = {"epochs": 3, "zero_stage": 2, "augment": False, "shuffle_buffer": 1, "batch_size": 64,
              "train_attack_steps": 1, "lr": 0.01}
     losses = {}
-    for workers, samples in ((1, 128), (2, 256)):
+    for workers, samples in ((1, 128), (2, 128)):
         path = write_sweep(tmp_path, f"w{workers}", fixed={**fixed, "max_train_samples": samples},
                            resources={"cpus": 1, "workers": workers}, max_failures=0)
         res = tmp_path / f"res{workers}"
