@@ -169,6 +169,14 @@ class Trial:
                                         image_size=cfg.image_size, shuffle_buffer=cfg.shuffle_buffer,
                                         max_samples=cap, num_workers=cfg.num_workers, seed=cfg.seed)
         self.steps_per_epoch = len(self.train_loader)
+        if self.world_size > 1:
+            # Ranks may hold unequal shares of the shards: all take the smallest step count, or the
+            # gradient all-reduce of the rank with more batches would wait forever.
+            import torch.distributed as dist
+
+            steps = torch.tensor([self.steps_per_epoch])
+            dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+            self.steps_per_epoch = int(steps.item())
         self.val = load_split(self.ds_dir, "val", max_samples=cfg.n_val, image_size=cfg.image_size)
 
     def _val_sampler(self, classes):
@@ -214,6 +222,8 @@ class Trial:
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not self.progress or self.rank != 0)
         for step, batch in enumerate(bar):
+            if step >= self.steps_per_epoch:
+                break
             ctx.step = step
             batch = [t.to(self.device) for t in batch]
             if cfg.channels_last:
