@@ -30,6 +30,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _loader_vs_training(report: dict) -> None:
+    """The loader must never be the bottleneck: compare its images/s with what a PGD-10 AutoLoRa step eats."""
+    step = report.get("autolora_step", {})
+    rows = report.get("loader", {}).get("rows", [])
+    if "step_s" not in step or not rows:
+        return
+    consumed = step.get("batch", 32) / step["step_s"]
+    report["loader_vs_training"] = {
+        "training_images_per_s": consumed,
+        "rows": [{"image_size": r["image_size"], "workers": r["workers"],
+                  "headroom": r["shards_images_per_s"] / consumed} for r in rows if "shards_images_per_s" in r],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     report = {"host": {"python": platform.python_version(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
@@ -44,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             report[name] = {"error": f"{type(e).__name__}: {e}"}
         report[name]["section_wall_s"] = round(time.time() - t0, 2)
         print(f"perf: {name} done in {report[name]['section_wall_s']} s", file=sys.stderr)
+    _loader_vs_training(report)
     text = json.dumps(report, indent=2, default=float)
     print(text)
     if args.out:
