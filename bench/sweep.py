@@ -436,8 +436,21 @@ def sweep_trial(config: dict, ctx: dict) -> None:
     except Exception as exc:
         write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise
+    finally:
+        _close_wandb_service()
     # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done).
     tune.report(_final_metrics(result, metric))
+
+
+def _close_wandb_service() -> None:
+    """Close W&B's service now: Ray reuses and then ends worker processes, and an atexit teardown then
+    meets a closed socket and prints a traceback for every trial."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:
+        pass
 
 
 def _multi_worker_trial(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Path) -> None:
