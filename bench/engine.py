@@ -70,6 +70,25 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg):
     return engine
 
 
+class PlainEngine:
+    """The part of a DeepSpeed engine a method uses, in plain PyTorch: for unit tests and for timing a
+    method's own cost without DeepSpeed's bookkeeping. ``forward`` may replace the module's (compiled)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, forward=None):
+        self.module, self.optimizer = module, optimizer
+        self._forward = forward or module
+
+    def __call__(self, x):
+        return self._forward(x)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def load_module_state(engine, state: dict[str, torch.Tensor]) -> None:
     """Load weights into the engine's module and into the ZeRO/bf16 fp32 master copy, if there is one."""
     engine.module.load_state_dict(state)

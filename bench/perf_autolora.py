@@ -24,29 +24,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from bench.engine import PlainEngine
 from methods.attacks import eval_mode
 from methods.autolora import AutoLoRa, AutoLoRaConfig, _Timer
 from methods.base import TrainContext
 
 BACKBONE = "cifar_resnet18_aa"
-
-
-class _PlainEngine:
-    """The engine interface (``engine(x)``, ``backward``, ``step``, ``module``) without DeepSpeed, so the
-    numbers are the method's own; DeepSpeed stage 0 adds only its bookkeeping on top."""
-
-    def __init__(self, module, forward, optimizer):
-        self.module, self._forward, self.optimizer = module, forward, optimizer
-
-    def __call__(self, x):
-        return self._forward(x)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 def _sync():
@@ -66,7 +49,7 @@ def _build(variant: dict, batch: int, device: torch.device):
     forward = method.model
     if variant.get("compile"):
         forward = torch.compile(method.model)
-    engine = _PlainEngine(forward if variant.get("compile") else method.model, forward, opt)
+    engine = PlainEngine(forward if variant.get("compile") else method.model, opt, forward=forward)
     method.lambda1, method.lambda2 = 0.5, 3.0  # λ as after a measurement; the values do not change the cost
     return method, engine, cfg
 

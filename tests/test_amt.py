@@ -26,24 +26,11 @@ from methods.lora_svd import apply_svd_lora, lora_sites, site_keys, site_weight
 from methods.merge import merge_weights, merged_overrides, trim_rank
 from methods.pmf import PMF, prototypes
 
+from bench.engine import PlainEngine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class PlainEngine:
-    """What a method needs of a DeepSpeed engine, in plain PyTorch."""
-
-    def __init__(self, module, optimizer):
-        self.module, self.optimizer = module, optimizer
-
-    def __call__(self, x):
-        return self.module(x)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 def tiny_vit():

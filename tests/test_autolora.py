@@ -19,6 +19,8 @@ from methods import lora as L
 from methods.autolora import AutoLoRa, AutoLoRaConfig, AutoLRSchedule, kl_term, lambdas
 from methods.base import TrainContext
 
+from bench.engine import PlainEngine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ["reference", "peft"]
 
@@ -63,21 +65,6 @@ class TinyClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-class PlainEngine:
-    """What the method needs of a DeepSpeed engine, in plain PyTorch."""
-
-    def __init__(self, module, optimizer):
-        self.module, self.optimizer = module, optimizer
-
-    def __call__(self, x):
-        return self.module(x)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 def make(form="reference", **overrides):
