@@ -90,9 +90,16 @@ def config_hash_without_seed(config: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+# A sweep's AMT member cache (bench.sweep_pool.MEMBERS_DIR): members are parts of AMT trials, not entries.
+_MEMBER_CACHE = "_members"
+
+
 def _is_pool_member(path: Path, results_dir: Path) -> bool:
-    """True for files under ``<amt trial>/members/`` (bench.amt_pool), the trial folder holding pool.json."""
+    """True for files under ``<amt trial>/members/`` (bench.amt_pool), the trial folder holding pool.json,
+    and under a sweep's member cache."""
     parts = path.relative_to(results_dir).parts
+    if _MEMBER_CACHE in parts[:-1]:
+        return True
     for i, part in enumerate(parts[:-1]):
         if part == "members":
             trial = results_dir.joinpath(*parts[:i])

@@ -27,6 +27,7 @@ from typing import Any
 
 OBJECTIVE = "objective"  # the key every trial reports its validation metric under (per-method metric names differ)
 TUNE_DIR = "_tune"
+MEMBERS_DIR = "_members"  # AMT pool members, shared by the sweep's amt trials (bench.sweep_pool)
 # Environment a trial process needs from the driver (a remote cluster's workers do not inherit it).
 PROPAGATE_ENV = ("WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY",
                  "TORCH_EXTENSIONS_DIR", "BENCH_SHARDS", "BENCH_DEBUG", "OMP_NUM_THREADS")
@@ -208,15 +209,14 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                   f"{'worker' if spec.workers > 1 else 'trial'}", flush=True)
             spec.gpus = 0.0
         ctx = {"results": str(results), "data_root": str(data_root), "name": spec.name,
+               "members": str(results / MEMBERS_DIR),
                "space_keys": sorted(spec.space), "metrics": {m: spec.metric_for(m) for m in spec.methods},
                "spec_fixed": {m: spec.overrides(m, 0, {}) for m in spec.methods},
                "workers": spec.workers, "cpus": spec.cpus, "gpus": spec.gpus,
                "storage": str(results / TUNE_DIR)}
+        ctx["pool_parallel"] = _pool_parallel(spec, ray.cluster_resources())
         trainable = tune.with_parameters(sweep_trial, ctx=ctx)
-        if spec.workers > 1:  # the Tune trial only drives a TorchTrainer; the workers hold the resources
-            trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # a PG needs a non-empty bundle
-        else:
-            trainable = tune.with_resources(trainable, {"cpu": spec.cpus, "gpu": spec.gpus})
+        trainable = tune.with_resources(trainable, _trial_resources(spec, ctx))
         if resume:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -245,6 +245,39 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     if leaderboard:
         _leaderboard(results, wandb_log)
     return summary
+
+
+def _pool_parallel(spec, cluster: dict) -> int:
+    """How many AMT pool members one trial may train at once: as many as the cluster holds trials."""
+    caps = [8]
+    if spec.cpus > 0:
+        caps.append(int(cluster.get("CPU", 1) // spec.cpus))
+    if spec.gpus > 0:
+        caps.append(int(cluster.get("GPU", 1) // spec.gpus))
+    return max(1, min(caps))
+
+
+def _trial_resources(spec, ctx: dict):
+    """Per-trial resources: a function of the trial's config, because an AMT pool trial reserves one
+    bundle per member it trains at once (bench.sweep_pool) besides its own empty head bundle."""
+    from ray.tune import PlacementGroupFactory
+
+    per = {"CPU": spec.cpus, **({"GPU": spec.gpus} if spec.gpus else {})}
+
+    def resources(config: dict):
+        from bench.trial import is_pool_config
+
+        cfg, *_ = _trial_setup(config, ctx, "resources")
+        if is_pool_config(cfg):  # members are one-worker tasks of one `resources` share each
+            from methods.amt import pool_eps_list
+
+            parallel = max(1, min(len(pool_eps_list(cfg)), ctx["pool_parallel"]))
+            return PlacementGroupFactory([{}] + [dict(per)] * parallel)
+        if spec.workers > 1:  # the Tune trial only drives a TorchTrainer; the workers hold the resources
+            return PlacementGroupFactory([{"CPU": 0, "memory": 1}])  # a PG needs a non-empty bundle
+        return PlacementGroupFactory([per])
+
+    return resources
 
 
 def _spec_record(spec, data_root: Path) -> dict:
@@ -418,16 +451,20 @@ def sweep_trial(config: dict, ctx: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id)
+    from bench.trial import is_pool_config, run_trial, write_error_result
+
+    if is_pool_config(cfg):
+        return _pool_trial(ctx, trial_id, cfg, out_dir, sweep_info, metric)
     if ctx["workers"] > 1:
         return _multi_worker_trial(config, ctx, trial_id, cfg, out_dir)
-    from bench.trial import run_trial, write_error_result
 
     _restore_checkpoint(out_dir)
     _log_attempt(out_dir)
     reported = []
 
-    def on_epoch(row: dict, ckpt_dir: Path) -> None:
-        tune.report(_report_metrics(row, metric), checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+    def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
+        ckpt = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        tune.report(_report_metrics(row, metric), checkpoint=ckpt)
         reported.append(row.get("epoch"))
 
     try:
@@ -443,14 +480,27 @@ def sweep_trial(config: dict, ctx: dict) -> None:
 
 
 def _close_wandb_service() -> None:
-    """Close W&B's service now: Ray reuses and then ends worker processes, and an atexit teardown then
-    meets a closed socket and prints a traceback for every trial."""
-    try:
-        import wandb
+    from bench.tracking import close_service
 
-        wandb.teardown()
-    except Exception:
-        pass
+    close_service()
+
+
+def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, metric: str) -> None:
+    """An AMT pool trial: members as parallel Ray tasks (cached across the sweep's trials), then the merged
+    pool's validation and test evaluation; one report to Tune (see bench.sweep_pool)."""
+    from ray import tune
+
+    from bench.sweep_pool import run_pool_trial
+    from bench.trial import write_error_result
+
+    _log_attempt(out_dir)
+    try:
+        result = run_pool_trial(cfg, out_dir, data_root=ctx["data_root"], cpus=ctx["cpus"], gpus=ctx["gpus"],
+                                cache=Path(ctx["members"]), run_id=trial_id, group=ctx["name"], sweep=sweep_info)
+    except Exception as exc:
+        write_error_result(cfg, out_dir, exc, sweep=sweep_info)
+        raise
+    tune.report(_final_metrics(result, metric))
 
 
 def _multi_worker_trial(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Path) -> None:
@@ -505,9 +555,10 @@ def train_worker_loop(loop_cfg: dict) -> None:
                     if f.is_file():
                         shutil.copy2(f, out_dir / "checkpoints" / f.name)
 
-    def on_epoch(row: dict, ckpt_dir: Path) -> None:
+    def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
         # Every rank reports its own checkpoint files (last.rankR.pt, best.rankR.pt); Ray merges them.
-        rt.report(_report_metrics(row, metric), checkpoint=rt.Checkpoint.from_directory(str(ckpt_dir)))
+        ckpt = rt.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        rt.report(_report_metrics(row, metric), checkpoint=ckpt)
 
     try:
         run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,

@@ -393,3 +393,14 @@ def read_wandb_file(path: Path) -> list[Any]:
                 return records
             records.append(rec)
     return records
+
+
+def close_service() -> None:
+    """Close W&B's service process now. In a Ray worker (a sweep trial or task) this must happen before
+    Ray reuses or ends the process: an atexit teardown then meets a closed socket and prints a traceback."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - nothing to close, or W&B not installed
+        pass

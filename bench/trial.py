@@ -29,7 +29,7 @@ from methods import get_method
 from methods.attacks import eval_mode
 from methods.base import BaseConfig, Episode, TrainContext
 
-EpochCallback = Callable[[dict[str, Any], Path], None]
+EpochCallback = Callable[[dict[str, Any], "Path | None"], None]  # (row, checkpoint folder or None)
 
 
 def seed_everything(seed: int) -> None:
@@ -81,24 +81,43 @@ def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
 def run_trial(cfg: BaseConfig, out_dir: str | Path, *, data_root: str | Path | None = None,
               progress: bool = True, epoch_callback: EpochCallback | None = None, run_id: str | None = None,
               group: str | None = None, sweep: dict | None = None, track: bool = True,
-              evaluate: bool = True) -> dict[str, Any]:
+              evaluate: bool = True, pool_runner=None, pool_cache: str | Path | None = None) -> dict[str, Any]:
+    """Run one trial into ``out_dir`` and return its result (also written to ``out_dir/result.json``).
+
+    A pool method's trial (``amt`` without ``member_eps``/``pool_dir``) first trains its members through
+    ``pool_runner`` (default: one after the other here; a sweep passes a Ray runner), reusing members
+    found in ``pool_cache``, then merges and evaluates the pool."""
     out_dir = Path(out_dir)
     ds_dir = check_inputs(cfg, data_root)
-    method_cls = get_method(cfg.method)
-    if getattr(method_cls, "pool", False) and getattr(cfg, "pool_dir", None) is None \
-            and getattr(cfg, "member_eps", None) is None:
-        from bench.amt_pool import run_pool
-
-        def run_member(overrides: dict, member_out: Path) -> dict:
-            member_cfg = type(cfg)(**{**cfg.to_dict(), **overrides})
-            # a member's own test evaluation would be thrown away: the pool is evaluated merged
-            return run_trial(member_cfg, member_out, data_root=data_root, progress=progress, group=group,
-                             track=track, evaluate=False)
-
-        pool_json = run_pool(cfg, out_dir, run_member)
-        cfg = type(cfg)(**{**cfg.to_dict(), "pool_dir": str(Path(pool_json).parent)})
+    if is_pool_config(cfg):
+        cfg = train_pool(cfg, out_dir, data_root=data_root, progress=progress, group=group, track=track,
+                         runner=pool_runner, cache=pool_cache)
     return Trial(cfg, out_dir, ds_dir, progress=progress, epoch_callback=epoch_callback, run_id=run_id,
                  group=group, sweep=sweep, track=track, evaluate=evaluate).run()
+
+
+def train_pool(cfg: BaseConfig, out_dir: str | Path, *, data_root=None, progress: bool = True,
+               group: str | None = None, track: bool = True, runner=None, cache: str | Path | None = None):
+    """Train (or find) a pool config's members, write ``out_dir/pool.json``, and return the config of the
+    merging trial (``pool_dir`` set) that evaluates the pool."""
+    from bench.amt_pool import run_pool
+
+    def run_member(overrides: dict, member_dir: Path) -> dict:
+        member_cfg = type(cfg)(**{**cfg.to_dict(), **overrides})
+        # a member's own test evaluation would be thrown away: the pool is evaluated merged.
+        # Its run id is its config's (the member's identity), so a cached member keeps one W&B run.
+        return run_trial(member_cfg, member_dir, data_root=data_root, progress=progress, group=group,
+                         track=track, evaluate=False)
+
+    pool_json = run_pool(cfg, out_dir, run_member, runner=runner, cache_dir=cache)
+    return type(cfg)(**{**cfg.to_dict(), "pool_dir": str(Path(pool_json).parent)})
+
+
+def is_pool_config(cfg: BaseConfig) -> bool:
+    """True when ``cfg`` asks for a whole pool (train the members, then merge): ``amt`` with neither a
+    member's eps nor a trained pool given."""
+    return bool(getattr(get_method(cfg.method), "pool", False)) and getattr(cfg, "pool_dir", None) is None \
+        and getattr(cfg, "member_eps", None) is None
 
 
 class Trial:
@@ -240,16 +259,23 @@ class Trial:
         logs.update({k: v / max(1, n_steps) for k, v in sums.items()})
         return logs
 
-    def _validate(self) -> dict[str, float]:
+    def _validate(self, adversarial: bool = False) -> dict[str, float]:
         cfg = self.cfg
         if self.method_cls.episodic:
             if self.val_sampler is None:
                 return {}
+            from dataclasses import replace
+
             from bench.fewshot import evaluate_fewshot
 
-            out = evaluate_fewshot(self.method, self.val_sampler, cfg.val_episodes, cfg, attack=False,
+            attack = adversarial and cfg.val_pgd_steps > 0  # PGD-val_pgd_steps on the validation queries
+            out = evaluate_fewshot(self.method, self.val_sampler, cfg.val_episodes,
+                                   replace(cfg, eval_pgd_steps=cfg.val_pgd_steps), attack=attack,
                                    device=self.device, progress=False)
-            return {"val_fewshot_acc": out["clean_acc"]}
+            val = {"val_fewshot_acc": out["clean_acc"]}
+            if attack:
+                val["val_fewshot_pgd_acc"] = out["adv_acc"]
+            return val
         model = self.method.eval_model()
         x, y = self.val
         val = {"val_clean_acc": clean_accuracy(model, x, y, cfg.eval_batch_size, self.device)}
@@ -315,6 +341,17 @@ class Trial:
             if stop:
                 break
         bar.close()
+        if not self.method.needs_training and not history:
+            # A merging trial trains nothing but is still selected on validation (the sweep's objective):
+            # validation episodes of what it evaluates, from the held-out training data.
+            row = {"epoch": 0, **self._validate(adversarial=True)}
+            history.append(row)
+            if self.rank == 0:
+                write_json_atomic(history, self.out_dir / "history.json")
+            if tracker is not None:
+                tracker.log(row, step=0)
+            if self.epoch_callback is not None:
+                self.epoch_callback(row, None)
         if self.rank != 0:  # evaluation needs no collectives: rank 0 alone evaluates and reports
             return {"status": "ok", "rank": self.rank, "history": history}
         best = checkpoint_path(self.ckpt_dir, "best")
@@ -326,10 +363,14 @@ class Trial:
         t_eval = time.time()
         result = self._evaluate() if self.evaluate else self._identity()
         eval_s = time.time() - t_eval
+        cost = {"wall_s": time.time() - t0, "train_s": train_s, "eval_s": eval_s,
+                "device": _device_name(self.device),
+                "images_per_s": self.images_seen / train_s if train_s > 0 else None}
+        pool = _pool_cost(cfg)
+        if pool:  # a merging trial costs its pool's training too (summed: the cost of the result from scratch)
+            cost.update(pool=pool, wall_s=cost["wall_s"] + pool["wall_s"], train_s=train_s + pool["train_s"])
         result.update({
-            "cost": {"wall_s": time.time() - t0, "train_s": train_s, "eval_s": eval_s,
-                     "device": _device_name(self.device),
-                     "images_per_s": self.images_seen / train_s if train_s > 0 else None},
+            "cost": cost,
             "history": history,
             "method_summary": {**self.method.summary(), "selected_epoch": selected_epoch},
             "status": "ok",
@@ -368,6 +409,22 @@ class Trial:
             result["metrics"] = robust_metrics(self.method.eval_model(), x, y, cfg, device=self.device,
                                                progress=self.progress and self.rank == 0)
         return result
+
+
+def _pool_cost(cfg) -> dict[str, Any] | None:
+    """Summed training cost of the members of ``cfg.pool_dir``'s pool manifest (None without a pool)."""
+    pool_dir = getattr(cfg, "pool_dir", None)
+    if not pool_dir:
+        return None
+    path = Path(pool_dir)
+    path = path / "pool.json" if path.is_dir() else path
+    try:
+        members = json.loads(path.read_text())["members"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+    costs = [(m.get("result") or {}).get("cost") or {} for m in members]
+    return {"members": len(members), "wall_s": sum(float(c.get("wall_s") or 0) for c in costs),
+            "train_s": sum(float(c.get("train_s") or 0) for c in costs)}
 
 
 def _device_name(device: torch.device) -> str:

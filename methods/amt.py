@@ -75,6 +75,13 @@ class AMTConfig(PMFConfig):
                 raise ValueError(f"pool/member eps {e} must be in [0, 255] (/255 units, e.g. 8 for 8/255)")
 
 
+# Fields that shape only the pool's assembly, merging and test evaluation, never one member's training:
+# members whose configs differ only here are the same member (bench/amt_pool.py caches them by the rest).
+POOL_ONLY_FIELDS = ("pool_size", "pool_eps", "member_eps", "pool_dir", "adapter_path", "merge_top_k",
+                    "merge_lambda", "merge_beta", "trim_rho", "trim_modules", "merge_aug_p", "merge_seed",
+                    "episodes", "n_eval", "eval_pgd_steps", "autoattack_version")
+
+
 def pool_eps_list(cfg: AMTConfig) -> list[float]:
     """The members' eps (/255 units): all of ``pool_eps`` when it has ``pool_size`` entries, else
     ``pool_size`` entries spread evenly over it (pool_size 2 of [0.01, 0.1, 6, 8] -> [0.01, 8])."""

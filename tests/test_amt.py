@@ -378,6 +378,51 @@ def test_pool_trains_members_writes_manifest_and_merges(tmp_path):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("change, same_member", [
+    ({"merge_beta": 2.0}, True), ({"merge_lambda": 0.1}, True), ({"merge_top_k": 1}, True),
+    ({"trim_rho": 0.5}, True), ({"episodes": 7}, True), ({"pool_size": 2}, True), ({"channels_last": True}, True),
+    ({"rank": 2}, False), ({"lambda_adv": 1.0}, False), ({"seed": 1}, False), ({"epochs": 3}, False),
+    ({"lr": 0.1}, False), ({"backbone": "cifar_resnet18_aa"}, False),
+])
+def test_member_key_ignores_only_pool_settings(change, same_member):
+    from bench.amt_pool import member_key
+
+    base = resolve_config("amt", {"backbone": "tiny_cnn"})
+    other = resolve_config("amt", {"backbone": "tiny_cnn", **change})
+    assert (member_key(base, 8.0) == member_key(other, 8.0)) is same_member
+    assert member_key(base, 8.0) != member_key(base, 6.0)
+
+
+def test_member_cache_shares_members_between_pools(tmp_path):
+    """Pools that differ in merge settings and pool size reuse the cached members they have in common."""
+    from bench.amt_pool import member_overrides
+
+    trained = []
+
+    def run_member(overrides, out_dir):
+        trained.append(overrides["member_eps"])
+        assert overrides["adapter_path"] == str(out_dir / "adapter.pt")
+        m = make_method("amt", **overrides)
+        m.make_optimizer()
+        m.end_epoch(0, {"val_fewshot_acc": 0.5})  # saves the adapter
+        result = {"status": "ok", "id": f"m{len(trained)}"}
+        (out_dir / "result.json").write_text(json.dumps(result))
+        return result
+
+    cache = tmp_path / "cache"
+    a = AMTConfig(pool_size=2, merge_beta=3.0, rank=4)
+    b = AMTConfig(pool_size=4, merge_beta=9.0, merge_top_k=1, rank=4)
+    run_pool(a, tmp_path / "a", run_member, cache_dir=cache)
+    assert trained == [0.01, 8.0]
+    manifest = json.loads(run_pool(b, tmp_path / "b", run_member, cache_dir=cache).read_text())
+    assert trained == [0.01, 8.0, 0.1, 6.0]  # only the two new strengths trained
+    assert len([d for d in cache.iterdir() if d.is_dir()]) == 4
+    for m in manifest["members"]:  # the pool holds its own copies, relative to its folder
+        assert (tmp_path / "b" / m["adapter"]).is_file() and not Path(m["adapter"]).is_absolute()
+    # a member's config is the same whichever pool asked for it
+    assert member_overrides(a, 8.0, cache) == member_overrides(b, 8.0, cache)
+
+
 # --- end to end -------------------------------------------------------------------------------------
 def bench(*args):
     e = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")

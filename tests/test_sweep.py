@@ -290,3 +290,46 @@ def test_two_worker_deepspeed_zero2_matches_one_worker(tmp_path, small_shard_roo
     assert len(losses[1]) == len(losses[2]) == 3
     for a, b in zip(losses[1], losses[2]):
         assert abs(a - b) <= 0.05 * max(abs(a), 1e-3), losses
+
+
+AMT_TINY = {"epochs": 1, "episodes_per_epoch": 2, "episodes": 3, "val_episodes": 2, "queries": 3, "rank": 4,
+            "warmup_epochs": 0, "pool_size": 2, "train_attack_steps": 1, "eval_pgd_steps": 1, "val_pgd_steps": 1}
+
+
+@pytest.mark.slow
+def test_amt_pool_members_run_in_parallel_and_are_shared(tmp_path, shards_root, ray_2cpu):
+    """Two AMT trials that differ only in a merge setting: the first trains its 2 members as parallel Ray
+    tasks, the second finds them in the sweep's member cache; both merge and evaluate after their members."""
+    from bench.leaderboard import load_results
+    from bench.sweep import MEMBERS_DIR, run_sweep
+    from bench.sweep_space import load_sweep
+
+    path = write_sweep(tmp_path, "pool", methods=["amt"], fixed=AMT_TINY, space={"merge_top_k": {"grid": [1, 2]}})
+    res = tmp_path / "res"
+    summary = run_sweep(load_sweep(path), res, data_root=shards_root, leaderboard=True, verbose=0)
+    assert summary["n_trials"] == 2 and summary["n_error"] == 0, summary
+    members = sorted(d for d in (res / MEMBERS_DIR).iterdir() if d.is_dir())
+    assert len(members) == 2, members  # 2 pools x 2 members, trained once each
+    spans = []
+    for m in members:
+        r = json.loads((m / "result.json").read_text())
+        assert r["status"] == "ok" and (m / "adapter.pt").is_file() and "fewshot" not in r
+        end = (m / "result.json").stat().st_mtime
+        spans.append((end - r["cost"]["wall_s"], end))
+    assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # the two members overlapped in time
+    files = results_of(res)
+    assert sorted(r["config"]["merge_top_k"] for r in files.values()) == [1, 2]
+    trained_in = []
+    for name, r in files.items():
+        assert r["status"] == "ok" and 0 <= r["fewshot"]["adv_acc"] <= 1, r
+        assert r["cost"]["pool"]["members"] == 2 and r["cost"]["train_s"] >= r["cost"]["pool"]["train_s"] > 0
+        val = r["history"][0]
+        assert 0 <= val["val_fewshot_acc"] <= 1 and 0 <= val["val_fewshot_pgd_acc"] <= 1
+        pool = json.loads((res / name / "pool.json").read_text())
+        assert [m["eps"] for m in pool["members"]] == [0.01, 8.0]
+        assert all((res / name / m["adapter"]).is_file() for m in pool["members"])  # the pool's own copies
+        assert (res / name / "pool.json").stat().st_mtime >= max(e for _, e in spans)  # merged after training
+        trained_in.append(sorted(m["trained_in"] for m in pool["members"]))
+    assert trained_in[0] == trained_in[1] == sorted(str(m) for m in members)
+    records, problems = load_results(res)
+    assert len(records) == 2 and not problems, problems  # cached members are not leaderboard entries
