@@ -100,7 +100,7 @@ def ray_member_runner(cpus: float, gpus: float, poll_s: float = 2.0):
                     try:
                         result, adapter = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - reported with the member's name below
-                        errors.append(f"pool member {i} (eps {spec.eps:g}/255, {spec.train_dir}): "
+                        errors.append(f"pool member {spec.index} (eps {spec.eps:g}/255, {spec.train_dir}): "
                                       f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}")
                         continue
                     finally:

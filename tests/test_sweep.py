@@ -333,3 +333,61 @@ def test_amt_pool_members_run_in_parallel_and_are_shared(tmp_path, shards_root, 
     assert trained_in[0] == trained_in[1] == sorted(str(m) for m in members)
     records, problems = load_results(res)
     assert len(records) == 2 and not problems, problems  # cached members are not leaderboard entries
+
+
+def _scripted_member(fail_eps_above: float | None):
+    """A stand-in for a member's training (the runner's orchestration is under test, not AMT): it logs the
+    call, fails for strong attacks when asked, else leaves an adapter and an ok result.json."""
+
+    def run_member(overrides: dict, train_dir: Path) -> dict:
+        import json as _json
+        import time as _time
+
+        with open(train_dir / "calls.txt", "a") as f:
+            f.write("call\n")
+        _time.sleep(0.5)
+        if fail_eps_above is not None and overrides["member_eps"] > fail_eps_above:
+            raise ValueError("member training blew up")
+        (train_dir / "adapter.pt").write_bytes(b"adapter")
+        result = {"status": "ok", "eps": overrides["member_eps"]}
+        (train_dir / "result.json").write_text(_json.dumps(result))
+        return result
+
+    return run_member
+
+
+def _calls(spec) -> int:
+    path = spec.train_dir / "calls.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_pool_runner_failure_then_retry_and_waiting_for_another_trial(tmp_path, ray_2cpu):
+    import threading
+
+    from bench.amt_pool import MemberLock, finished_result, plan_pool
+    from bench.config import resolve_config
+    from bench.sweep_pool import ray_member_runner
+
+    cfg = resolve_config("amt", {"backbone": "tiny_cnn", "pool_size": 3, "pool_eps": [0.01, 6.0, 8.0]})
+    specs = plan_pool(cfg, tmp_path / "trial", cache_dir=tmp_path / "cache")
+    runner = ray_member_runner(1, 0, poll_s=0.2)
+    # a member that fails: the others finish (and stay cached), then the pool fails naming the member
+    with pytest.raises(RuntimeError, match=r"pool member 2 \(eps 8/255.*member training blew up"):
+        runner(specs[::2], _scripted_member(fail_eps_above=7.0))
+    assert finished_result(specs[0]) and not finished_result(specs[2])
+    # another trial holds member 1's claim: this runner waits instead of training it, and trains the rest
+    other = MemberLock(specs[1])
+    assert other.acquire(blocking=False)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(r=runner(specs, _scripted_member(None))))
+    thread.start()
+    time.sleep(3)
+    assert thread.is_alive() and _calls(specs[1]) == 0
+    specs[1].train_dir.mkdir(parents=True, exist_ok=True)  # the other trial finishes member 1 ...
+    (specs[1].train_dir / "adapter.pt").write_bytes(b"other")
+    (specs[1].train_dir / "result.json").write_text(json.dumps({"status": "ok", "by": "other"}))
+    other.release()  # ... and lets go
+    thread.join(60)
+    assert not thread.is_alive()
+    assert [r.get("by") for r in out["r"]] == [None, "other", None]
+    assert [_calls(s) for s in specs] == [1, 0, 2]  # cached, trained by the other trial, retried once
