@@ -2,8 +2,13 @@
 
 On CPU DeepSpeed uses its "cpu" accelerator with gloo; on GPUs NCCL. A single-process trial sets up its
 own rendezvous on a free port, so two trials on one node never collide.
+
+``compile=True`` compiles the module in place (``nn.Module.compile``), so ``engine(x)`` and
+``engine.module(x)`` (the attacks' forward) both run compiled, and state-dict keys stay as they are.
 """
 from __future__ import annotations
+
+import contextlib
 
 import json
 import os
@@ -66,17 +71,68 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg):
     if cfg.bf16:
         # DeepSpeed casts parameters only; BN running statistics must follow or CPU kernels refuse the mix.
         model.to(torch.bfloat16)
+    channels_last = getattr(cfg, "channels_last", False)
+    if channels_last:  # DeepSpeed's first broadcast views each parameter as bytes, which needs contiguous memory
+        model.to(memory_format=torch.contiguous_format)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, world_size))
+    if channels_last and cfg.zero_stage == 0 and not cfg.bf16:
+        # Only here does DeepSpeed keep the parameters themselves (ZeRO and bf16 make them views of flat
+        # buffers, which a format change would detach). Elsewhere the channels_last inputs alone select
+        # the NHWC kernels, at the cost of reordering the weights per call.
+        engine.module.to(memory_format=torch.channels_last)
+    if getattr(cfg, "compile", False):
+        # DeepSpeed's engine.compile() (0.19.8, no DeepCompile configured) calls self.module.compile(backend=
+        # the accelerator's, inductor on CPU and CUDA): an in-place compile of the module's __call__, so the
+        # attacks' engine.module(x) is compiled as well as engine(x), and checkpoints keep their keys. Used
+        # rather than torch.compile(model) so that DeepSpeed knows (engine.is_compiled) and picks the backend.
+        _allow_recompiles()
+        engine.compile()
     return engine
+
+
+# Graphs one compiled model needs: dynamo guards on grad mode, train/eval, each LoRA layer's
+# ``disable_adapters`` and every parameter's ``requires_grad``, so AutoLoRa's toggles make a fixed set of
+# variants (λ pass, attack, natural branch, adversarial branch, clean validation), each compiled at most
+# twice (static batch, then batch-dynamic after the first other batch size): about 10, above dynamo's
+# default limit of 8, past which a new variant silently runs eager. Toggling again reuses the cache.
+RECOMPILE_LIMIT = 16
+
+
+def _allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    import torch._dynamo.config as dc
+
+    name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(dc, name, max(getattr(dc, name), limit))
+
+
+def compile_module(module: nn.Module) -> nn.Module:
+    """Compile ``module`` in place as DeepSpeed's ``engine.compile()`` does: ``module(x)`` then runs the
+    compiled ``__call__`` (hooks included); parameters, buffers and state-dict keys are unchanged."""
+    _allow_recompiles()
+    module.compile()
+    return module
+
+
+def train_autocast(cfg, device: torch.device):
+    """The context a training step runs in: bf16 autocast with ``cfg.bf16_autocast`` (fp32 weights and
+    optimizer; convolutions and matmuls in bf16, on GPUs and on CPUs with bf16 instructions), else none.
+    Evaluation never runs under it, so reported accuracies are fp32 attacks on the trained weights."""
+    if not getattr(cfg, "bf16_autocast", False):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 class PlainEngine:
     """The part of a DeepSpeed engine a method uses, in plain PyTorch: for unit tests and for timing a
-    method's own cost without DeepSpeed's bookkeeping. ``forward`` may replace the module's (compiled)."""
+    method's own cost without DeepSpeed's bookkeeping. ``compile=True`` compiles the module in place, as
+    :func:`build_engine` does; ``forward`` may replace the module's forward for ``engine(x)`` only."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, forward=None):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, forward=None, compile: bool = False):
+        if compile:
+            compile_module(module)
         self.module, self.optimizer = module, optimizer
-        self._forward = forward or module
+        # not ``forward or module``: bool() of a compiled (OptimizedModule) Sequential-like wrapper calls len()
+        self._forward = module if forward is None else forward
 
     def __call__(self, x):
         return self._forward(x)

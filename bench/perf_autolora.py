@@ -12,13 +12,17 @@ the same process as its parts on the same network and batch:
 The floor of a step is ``steps x fwd_input_grad + 2 x fwd_full_backward`` (two training forwards, one
 backward through both graphs). Variants (channels_last, fused SGD, torch.compile, bf16 autocast on GPU)
 are measured the same way and reported as speed-ups over the plain fp32 eager step; the ones that win are
-config switches (``channels_last``, ``fused_optimizer``, ``compile``).
+config switches (``channels_last``, ``fused_optimizer``, ``compile``). ``warmup_s`` is each variant's first
+step (for compile variants: dynamo + inductor compilation of the attack and the two training branches;
+``warmup_parts_s`` the parts' first calls, which compile two more graphs). Compilation reuses inductor's
+on-disk cache (``TORCHINDUCTOR_CACHE_DIR``): point it at an empty folder to time a cold compile.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -46,10 +50,8 @@ def _build(variant: dict, batch: int, device: torch.device):
     backbone = create_backbone(BACKBONE, num_classes=10)
     method = AutoLoRa(cfg, backbone.to(device), 10)
     opt = method.make_optimizer()
-    forward = method.model
-    if variant.get("compile"):
-        forward = torch.compile(method.model)
-    engine = PlainEngine(forward if variant.get("compile") else method.model, opt, forward=forward)
+    # in place, as build_engine does for cfg.compile: the attack (through engine.module) is compiled too
+    engine = PlainEngine(method.model, opt, compile=bool(variant.get("compile")))
     method.lambda1, method.lambda2 = 0.5, 3.0  # λ as after a measurement; the values do not change the cost
     return method, engine, cfg
 
@@ -91,6 +93,14 @@ def _step_runner(method, engine, x, y, autocast):
     return one
 
 
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _timed(fn) -> float:
     _sync()
     t = time.perf_counter()
@@ -116,12 +126,14 @@ def autolora_step_benchmark(quick: bool = False) -> dict[str, Any]:
                                  "fused_sgd": {"fused_optimizer": True}}
     if not quick:
         variants["channels_last+fused_sgd"] = {"channels_last": True, "fused_optimizer": True}
-    # torch.compile: on GPUs by default; on a small shared CPU its compilation of the step's graphs (attack,
-    # two training branches) did not finish within 40 minutes, so there it needs BENCH_PERF_COMPILE=1.
-    if not quick and (device.type == "cuda" or os.environ.get("BENCH_PERF_COMPILE") == "1"):
+    # torch.compile: in the full run on every device (BENCH_PERF_COMPILE=0 skips it). On the project's
+    # 2-core CPU (torch 2.14) the cold compile of the graphs one variant needs takes about a minute
+    # (warmup_s).
+    if not quick and os.environ.get("BENCH_PERF_COMPILE", "1") != "0":
         variants["compile"] = {"compile": True}
         variants["compile+channels_last"] = {"compile": True, "channels_last": True}
-    if device.type == "cuda":
+    # bf16 autocast: GPUs, and CPUs with bf16 instructions (AVX512-BF16 / AMX), where oneDNN has bf16 kernels
+    if device.type == "cuda" or (not quick and _cpu_has_bf16()):
         variants["bf16_autocast"] = {"bf16_autocast": True}
         variants["bf16_autocast+channels_last"] = {"bf16_autocast": True, "channels_last": True}
     with_parts = {"fp32_eager", "channels_last"} if quick else set(variants)
@@ -142,13 +154,15 @@ def autolora_step_benchmark(quick: bool = False) -> dict[str, Any]:
             else:
                 autocast = nullcontext
             step = _step_runner(method, engine, xv, y, autocast)
-            step()  # warm-up (and compilation)
+            warmup = _timed(step)  # warm-up (and compilation)
             parts = _part_fns(method, engine, xv, y) if name in with_parts else {}
+            t_parts = time.perf_counter()
             for fn in parts.values():
                 with autocast():
                     fn()
             runners[name] = {"method": method, "step": step, "autocast": autocast, "parts": parts,
-                             "times": [], "split": {}, "part_times": {k: [] for k in parts}}
+                             "times": [], "split": {}, "part_times": {k: [] for k in parts},
+                             "warmup_s": warmup, "warmup_parts_s": time.perf_counter() - t_parts}
         except Exception as e:  # a variant the platform cannot run (e.g. no compiler) is reported, not fatal
             out["variants"][name] = {"error": f"{type(e).__name__}: {e}"}
     for _ in range(reps):
@@ -163,7 +177,8 @@ def autolora_step_benchmark(quick: bool = False) -> dict[str, Any]:
                     r["part_times"][k].append(_timed(fn))
     for name, r in runners.items():
         row: dict[str, Any] = {"step_s": statistics.median(r["times"]),
-                               "split_s": {k: statistics.median(v) for k, v in r["split"].items()}}
+                               "split_s": {k: statistics.median(v) for k, v in r["split"].items()},
+                               "warmup_s": r["warmup_s"], "warmup_parts_s": r["warmup_parts_s"]}
         row["split_s"]["data_wait"] = 0.0  # resident tensors here; the loader is benchmarked in perf_data
         if r["parts"]:
             parts = {k: statistics.median(v) for k, v in r["part_times"].items()}
@@ -192,6 +207,7 @@ def autolora_step_benchmark(quick: bool = False) -> dict[str, Any]:
         out["winners"] = sorted((n for n, r in out["variants"].items()
                                  if r.get("speedup_vs_fp32_eager", 0) > 1.05 and n != "fp32_eager"),
                                 key=lambda n: -out["variants"][n]["speedup_vs_fp32_eager"])
+    out["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out["wall_s"] = round(time.time() - t_start, 1)
     return out
 

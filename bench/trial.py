@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from bench.backbones import create_backbone
 from bench.config import config_hash, save_config
 from bench.engine import (build_engine, checkpoint_path, load_checkpoint, load_module_state, restore,
-                          save_checkpoint, trial_device, world)
+                          save_checkpoint, train_autocast, trial_device, world)
 from bench.evaluate import clean_accuracy, pgd_accuracy, robust_metrics
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
@@ -161,9 +161,7 @@ class Trial:
         backbone = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained,
                                    image_size=cfg.image_size)
         self.method = self.method_cls(cfg, backbone, num_classes)
-        model = self.method.model.to(self.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+        model = self.method.model.to(self.device)  # channels_last weights: build_engine decides
         optimizer = self.method.make_optimizer()
         self.engine = build_engine(model, optimizer, cfg)
 
@@ -248,7 +246,8 @@ class Trial:
             if cfg.channels_last:
                 batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
             batch = Episode(*batch) if self.method_cls.episodic else tuple(batch)
-            step_logs = self.method.train_step(self.engine, batch, ctx)
+            with train_autocast(cfg, self.device):
+                step_logs = self.method.train_step(self.engine, batch, ctx)
             self.images_seen += (len(batch[0]) + len(batch[2]) if self.method_cls.episodic else len(batch[0])) \
                 * self.world_size
             for k, v in step_logs.items():

@@ -54,7 +54,8 @@ class BaseConfig:
     select_metric: str = "val_pgd_acc"  # validation metric that picks the checkpoint
     # engine
     zero_stage: int = 0
-    bf16: bool = False
+    bf16: bool = False  # DeepSpeed bf16: bf16 weights and compute, fp32 master copy
+    bf16_autocast: bool = False  # training steps (attack included) under bf16 autocast; evaluation fp32
     channels_last: bool = False
     compile: bool = False
     # data

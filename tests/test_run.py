@@ -111,12 +111,36 @@ def test_killed_trial_resumes_from_last_checkpoint(shards_root, tmp_path):
     assert json.loads((out / "result.json").read_text())["status"] == "ok"
 
 
-@pytest.mark.parametrize("engine_setting", ["zero_stage=2", "bf16=true"])
+@pytest.mark.parametrize("engine_setting", ["zero_stage=2", "bf16=true", "bf16_autocast=true", "channels_last=true",
+                                            "channels_last=true zero_stage=2"])
 def test_engine_settings_run_end_to_end(shards_root, tmp_path, engine_setting):
     out = tmp_path / "engine"
     p = bench("run", "--method", "rft", "--backbone", "tiny_cnn", "--data-root", str(shards_root), "--out", str(out),
-              "--no-progress", "--set", "epochs=2", "--set", "autoattack_version=off", "--set", engine_setting, *TINY)
+              "--no-progress", "--set", "epochs=2", "--set", "autoattack_version=off", *TINY,
+              *[a for kv in engine_setting.split() for a in ("--set", kv)])
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "result.json").read_text())
-    assert r["config"][engine_setting.split("=")[0]] in (2, True)
+    for kv in engine_setting.split():
+        assert r["config"][kv.split("=")[0]] in (2, True)
     assert len(r["history"]) == 2 and 0 <= r["metrics"]["pgd_acc"] <= r["metrics"]["clean_acc"]
+
+
+@pytest.mark.parametrize("enabled, dtype", [(False, "torch.float32"), (True, "torch.bfloat16")])
+def test_train_autocast_runs_convolutions_in_bf16(enabled, dtype):
+    import torch
+
+    from bench.backbones import create_backbone
+    from bench.engine import train_autocast
+    from methods.base import BaseConfig
+
+    model = create_backbone("tiny_cnn", 10)
+    seen = []
+    hook = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_hook(
+        lambda mod, inp, out: seen.append(str(out.dtype)))
+    with train_autocast(BaseConfig(bf16_autocast=enabled), torch.device("cpu")):
+        loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    hook.remove()
+    assert seen == [dtype]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights (and their grads) stay fp32
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
