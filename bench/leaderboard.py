@@ -90,7 +90,7 @@ def config_hash_without_seed(config: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-# A sweep's AMT member cache (bench.sweep_pool.MEMBERS_DIR): members are parts of AMT trials, not entries.
+# A sweep's AMT member cache (bench.sweep.MEMBERS_DIR): members are parts of AMT trials, not entries.
 _MEMBER_CACHE = "_members"
 
 

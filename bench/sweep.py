@@ -474,15 +474,11 @@ def sweep_trial(config: dict, ctx: dict) -> None:
         write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise
     finally:
-        _close_wandb_service()
+        from bench.tracking import close_service
+
+        close_service()
     # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done).
     tune.report(_final_metrics(result, metric))
-
-
-def _close_wandb_service() -> None:
-    from bench.tracking import close_service
-
-    close_service()
 
 
 def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, metric: str) -> None:

@@ -22,9 +22,6 @@ from typing import Any, Sequence
 
 from bench.amt_pool import ADAPTER_FILE, MemberLock, MemberSpec, RunMember, finished_result
 
-MEMBERS_DIR = "_members"  # the sweep's member cache, under its results folder
-
-
 def _train_member(run_member: RunMember, overrides: dict, train_dir: str) -> tuple[dict, bytes]:
     """One member's training (a Ray task). The adapter travels back with the result: the pool's node may
     not see ``train_dir`` when the results folder is not on a shared file system."""
