@@ -21,6 +21,12 @@ import torch
 from torch import nn
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "apgd-ce", "off")
+# Named (train, eval) image transforms, implemented with torchvision in data_shards/transforms.py:
+# auto: the data set's usual one (cifar for 32-pixel sets, imagenet224 otherwise); cifar: pad-4 crop + flip /
+# identity; imagenet224: Resize(256)+RandomResizedCrop(224)+flip / Resize(256)+CenterCrop(224) (AutoLoRa's
+# 224-pixel sets); amt128: RandomResizedCrop(128)+ColorJitter(0.4)+flip / Resize(146)+CenterCrop(128) (AMT, PMF);
+# none: the stored image at image_size.
+TRANSFORMS = ("auto", "cifar", "imagenet224", "amt128", "none")
 
 
 @dataclass
@@ -60,7 +66,11 @@ class BaseConfig:
     compile: bool = False
     # data
     image_size: int | None = None  # None: the manifest's size
-    augment: bool = True
+    augment: bool = True  # training-time augmentation of `transform` (off: its eval transform for training too)
+    transform: str = "auto"  # one of TRANSFORMS
+    # Model-side resize (nearest, before normalisation) as AutoLoRa's authors' model does for CIFAR (32 -> 224):
+    # the attack and eps stay on the stored image; None: the network sees the stored image.
+    input_resize: int | None = None
     num_workers: int = 0
     shuffle_buffer: int = 2000
     pretrained: bool = False  # timm backbones: load hub/cached weights
@@ -82,6 +92,10 @@ class BaseConfig:
                 raise ValueError(f"{name}={v} must be positive or null (all)")
         if self.autoattack_version not in AUTOATTACK_VERSIONS:
             raise ValueError(f"autoattack_version={self.autoattack_version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform={self.transform!r}; valid: {', '.join(TRANSFORMS)}")
+        if self.input_resize is not None and self.input_resize <= 0:
+            raise ValueError(f"input_resize={self.input_resize} must be positive or null (off)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage={self.zero_stage}; valid: 0, 1, 2, 3")
 
