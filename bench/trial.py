@@ -5,6 +5,7 @@ hand-run trial are the same code path and write the same ``result.json``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -222,11 +223,21 @@ class Trial:
         for x, y in loader:
             yield x.to(self.device), y.to(self.device)
 
+    def _augmented_train_batches(self):
+        # The training loader's own pipeline (augmentation, per-rank share) on a separate shuffle stream, so
+        # that these passes leave the training epochs' data order as it is.
+        if getattr(self, "_aug_loader", None) is None:
+            self._aug_loader = copy.copy(self.train_loader)
+            self._aug_loader.seed, self._aug_loader.epoch = self.train_loader.seed + 7919, 0
+        for x, y in self._aug_loader:
+            yield x.to(self.device), y.to(self.device)
+
     # --- one epoch -------------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
         ctx = TrainContext(epoch=epoch, steps_per_epoch=self.steps_per_epoch, device=self.device,
-                           train_batches=self._train_batches)
+                           train_batches=self._train_batches,
+                           augmented_train_batches=None if self.method_cls.episodic else self._augmented_train_batches)
         logs = dict(self.method.start_epoch(ctx))
         self.engine.module.train()
         sums: dict[str, float] = {}

@@ -38,6 +38,8 @@ from methods.registry import register_method
 
 TARGET_ALIASES = {"resnet": L.RESNET_TARGETS, "vit": L.VIT_TARGETS}
 STALL_RULES = ("paper", "reference")
+# Data λ's accuracy is measured on: the augmented training loader (the authors' code) or a clean pass.
+LAMBDA_DATA = ("train_augmented", "train_clean")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,9 +150,13 @@ class AutoLoRaConfig(BaseConfig):
     lora_form: str = "reference"  # reference (loralib conv form, as the authors) | peft (PEFT's Conv2d LoRA)
     # regex over module names (PEFT target_modules), or an alias: "resnet" (default), "vit"
     target_modules: str = L.RESNET_TARGETS
+    # which matched modules get LoRA (methods/lora.py LORA_PLACEMENTS): reference = the convs of the last block
+    # of each ResNet stage, as the authors' code effectively trains (Table 2); all_blocks = every matched module
+    lora_placement: str = "reference"
     # automated λ
     lambda2_max: float = 6.0
-    lambda_updates_per_epoch: int = 1  # the low-resolution variant uses 4
+    lambda_updates_per_epoch: int = 1
+    lambda_data: str = "train_augmented"  # one of LAMBDA_DATA
     # automated learning rate
     lr: float = 0.01
     lr_checkpoint_every: int = 4
@@ -179,6 +185,10 @@ class AutoLoRaConfig(BaseConfig):
             raise ValueError(f"lambda2_max={self.lambda2_max} must be >= 0")
         if self.lr_stall_rule not in STALL_RULES:
             raise ValueError(f"lr_stall_rule={self.lr_stall_rule!r}; valid: {', '.join(STALL_RULES)}")
+        if self.lora_placement not in L.LORA_PLACEMENTS:
+            raise ValueError(f"lora_placement={self.lora_placement!r}; valid: {', '.join(L.LORA_PLACEMENTS)}")
+        if self.lambda_data not in LAMBDA_DATA:
+            raise ValueError(f"lambda_data={self.lambda_data!r}; valid: {', '.join(LAMBDA_DATA)}")
 
 
 class _Timer:
@@ -213,7 +223,7 @@ class AutoLoRa(Method):
         super().__init__(cfg, backbone, num_classes)
         targets = TARGET_ALIASES.get(cfg.target_modules, cfg.target_modules)
         self.lora_names = L.add_lora(backbone, form=cfg.lora_form, r=cfg.r_nat, alpha=cfg.lora_alpha,
-                                     target_modules=targets)
+                                     target_modules=targets, placement=cfg.lora_placement)
         L.set_adapters_enabled(backbone, False)  # resting state: the main branch
         for p in backbone.parameters():  # all trainable; routing happens per forward
             p.requires_grad_(True)
@@ -239,6 +249,8 @@ class AutoLoRa(Method):
         self.lambda1: float | None = None
         self.lambda2: float | None = None
         self.lambda_log: list[dict[str, float]] = []  # every λ measurement
+        self.lambda_epoch: int | None = None  # the epoch the λ in force was measured for
+        self._ctx: TrainContext | None = None  # the running epoch's context (its data passes), for end_epoch
         self.epoch_log: list[dict[str, Any]] = []  # per epoch: λ, η, validation
         self.timer = None  # set to _Timer() to collect the step's split (bench/perf_autolora.py)
 
@@ -292,23 +304,31 @@ class AutoLoRa(Method):
             correct, total = t[0].cpu(), t[1].cpu()
         return float(correct / total) if total > 0 else 0.0
 
-    def update_lambdas(self, acc: float, epoch: int | None = None, step: int | None = None) -> None:
+    def update_lambdas(self, acc: float, epoch: int | None = None, step: int | None = None,
+                       when: str = "start") -> None:
         self.lambda1, self.lambda2 = lambdas(acc, self.cfg.lambda2_max)
-        self.lambda_log.append({"epoch": epoch, "step": step, "lora_train_acc": acc,
+        self.lambda_epoch = epoch
+        self.lambda_log.append({"epoch": epoch, "step": step, "when": when, "lora_train_acc": acc,
                                 "lambda1": self.lambda1, "lambda2": self.lambda2})
 
-    def _measure_lambdas(self, ctx: TrainContext) -> None:
-        if ctx.train_batches is None:
-            raise ValueError("AutoLoRa needs ctx.train_batches (a clean pass over the training data) for λ")
-        self.update_lambdas(self.lora_branch_accuracy(ctx.train_batches()), ctx.epoch, ctx.step)
+    def _measure_lambdas(self, ctx: TrainContext, epoch: int, step: int, when: str) -> None:
+        augmented = self.cfg.lambda_data == "train_augmented"
+        source = ctx.augmented_train_batches if augmented else ctx.train_batches
+        if source is None:
+            field_name = "augmented_train_batches" if augmented else "train_batches"
+            raise ValueError(f"AutoLoRa's λ (lambda_data={self.cfg.lambda_data}) needs ctx.{field_name}")
+        self.update_lambdas(self.lora_branch_accuracy(source()), epoch, step, when)
 
     def _lambda_steps(self, steps_per_epoch: int) -> set[int]:
         k = self.cfg.lambda_updates_per_epoch
         return {math.floor(i * steps_per_epoch / k) for i in range(1, k)} - {0}
 
     def start_epoch(self, ctx: TrainContext) -> dict[str, float]:
-        # Before epoch 1 and after every epoch (the reference measures right after validation).
-        self._measure_lambdas(ctx)
+        # Before epoch 1; later epochs use the λ measured by end_epoch, right after the previous epoch's
+        # validation and before any reload of the best checkpoint, as the authors' code does.
+        self._ctx = ctx
+        if self.lambda_epoch != ctx.epoch or self.lambda1 is None:
+            self._measure_lambdas(ctx, ctx.epoch, 0, "start")
         return {"lr": self.current_lr(), "lambda1": self.lambda1, "lambda2": self.lambda2,
                 "lora_train_acc": self.lambda_log[-1]["lora_train_acc"]}
 
@@ -317,7 +337,7 @@ class AutoLoRa(Method):
         cfg = self.cfg
         tm = self.timer or _nullctx
         if cfg.lambda_updates_per_epoch > 1 and ctx.step in self._lambda_steps(ctx.steps_per_epoch):
-            self._measure_lambdas(ctx)
+            self._measure_lambdas(ctx, ctx.epoch, ctx.step, "within_epoch")
         if self.lambda1 is None:
             raise RuntimeError("λ is not measured yet: call start_epoch before train_step")
         x, y = batch
@@ -374,7 +394,12 @@ class AutoLoRa(Method):
             self.best_val = float(score)
         if self.optimizer is not None:
             self.set_lr(self.schedule.lr)
-        row = {"epoch": epoch, "lr": lr_used, "lambda1": self.lambda1, "lambda2": self.lambda2,
+        lambdas_used = (self.lambda1, self.lambda2)
+        if self._ctx is not None and not decision.stop and epoch + 1 < self.cfg.epochs:
+            # λ for the next epoch on the weights this epoch ended with: the bench reloads the best checkpoint
+            # (if decided) only after this returns, as the authors' code measures before its reload.
+            self._measure_lambdas(self._ctx, epoch + 1, 0, "after_validation")
+        row = {"epoch": epoch, "lr": lr_used, "lambda1": lambdas_used[0], "lambda2": lambdas_used[1],
                **{k: float(v) for k, v in val.items()}, "is_best": decision.is_best,
                "reload_best": decision.reload_best, "next_lr": self.schedule.lr}
         self.epoch_log.append(row)
@@ -389,13 +414,14 @@ class AutoLoRa(Method):
     # --- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"best_val": self.best_val, "history": self.history, "schedule": self.schedule.state_dict(),
-                "lambda1": self.lambda1, "lambda2": self.lambda2, "lambda_log": self.lambda_log,
-                "epoch_log": self.epoch_log}
+                "lambda1": self.lambda1, "lambda2": self.lambda2, "lambda_epoch": self.lambda_epoch,
+                "lambda_log": self.lambda_log, "epoch_log": self.epoch_log}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.lambda1, self.lambda2 = state.get("lambda1"), state.get("lambda2")
+        self.lambda_epoch = state.get("lambda_epoch")
         self.lambda_log = list(state.get("lambda_log", []))
         self.epoch_log = list(state.get("epoch_log", []))
         if self.optimizer is not None:
@@ -404,6 +430,9 @@ class AutoLoRa(Method):
     def summary(self) -> dict[str, Any]:
         return {
             "lora_form": self.cfg.lora_form,
+            "lora_placement": self.cfg.lora_placement,
+            "lora_modules": self.lora_names,
+            "lambda_data": self.cfg.lambda_data,
             "r_nat": self.cfg.r_nat,
             "params": self.param_counts,
             # per epoch (the λ in force during the epoch, the η it trained with)

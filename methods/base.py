@@ -151,6 +151,8 @@ class TrainContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # a fresh pass over the training data without augmentation, (x, y) on device; used e.g. by AutoLoRa's λ
     train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    # a fresh pass over the training data as training sees it (augmented, this process's share), (x, y) on device
+    augmented_train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 class Method:

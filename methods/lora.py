@@ -21,6 +21,7 @@ is the same factorisation (A (r, in), B (out, r) = 0).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -35,6 +36,17 @@ LORA_FORMS = ("reference", "peft")
 RESNET_TARGETS = r"(.*\.)?layer\d+\.\d+\.(conv\d+|shortcut\.0|downsample\.0)"
 # timm ViTs: the attention (qkv, proj) and MLP (fc1, fc2) linears of every block.
 VIT_TARGETS = r"(.*\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+# Where, among the modules ``target_modules`` matches, the LoRA branch acts:
+# - ``reference``: the convs of the LAST block of each ResNet stage, never the 1x1 projection shortcut. This is
+#   what the AutoLoRa authors' code effectively trains: every block carries LoRA weights, but its branch
+#   selector reaches only the last module of each stage's Sequential (their ``SequentialWithArgs``), so the
+#   other blocks always run their main branch (ResNet-50: layer1.2, layer2.3, layer3.5, layer4.2 = 12 convs;
+#   ResNet-18: layerN.1 = 8 convs). Table 2's numbers come from it.
+# - ``all_blocks``: every matched module (every block conv and the projection shortcut for the ResNet regex).
+LORA_PLACEMENTS = ("reference", "all_blocks")
+_BLOCK_CONV = re.compile(r"(?P<stage>(.*\.)?layer\d+)\.(?P<block>\d+)\.conv\d+")
+_BLOCK = re.compile(r"(?P<stage>(.*\.)?layer\d+)\.(?P<block>\d+)")
 
 
 def _peft_lora():
@@ -107,12 +119,52 @@ def _reference_conv_class():
 _REFERENCE_CONV = None
 
 
+def matched_modules(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Names of the modules PEFT's ``target_modules`` selects: a regex over the full name (fullmatch), or a
+    list of names (a name equals an entry or ends with ``.entry``)."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(target_modules, str):
+        return [n for n in names if re.fullmatch(target_modules, n)]
+    wanted = list(target_modules)
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def placement_targets(model: nn.Module, target_modules: str | list[str], placement: str) -> list[str]:
+    """The module names LoRA goes on under ``placement`` (see ``LORA_PLACEMENTS``); raises if none."""
+    if placement not in LORA_PLACEMENTS:
+        raise ValueError(f"lora_placement={placement!r}; valid: {', '.join(LORA_PLACEMENTS)}")
+    matched = matched_modules(model, target_modules)
+    if placement == "all_blocks":
+        chosen = matched
+    else:
+        # the last block of a stage: the highest block index among the stage's children in the model
+        last: dict[str, int] = {}
+        for n, _ in model.named_modules():
+            m = _BLOCK.fullmatch(n)
+            if m:
+                last[m["stage"]] = max(last.get(m["stage"], -1), int(m["block"]))
+        chosen = []
+        for n in matched:
+            m = _BLOCK_CONV.fullmatch(n)
+            if m and int(m["block"]) == last.get(m["stage"]):
+                chosen.append(n)
+    if not chosen:
+        hint = " (reference placement needs ResNet stages layerN.M.convK; use lora_placement=all_blocks)" \
+            if placement == "reference" and matched else ""
+        raise ValueError(f"target_modules={target_modules!r} with lora_placement={placement} matched no module "
+                         f"of {type(model).__name__}{hint}")
+    return chosen
+
+
 def add_lora(model: nn.Module, *, form: str = "reference", r: int = 8, alpha: float = 1.0,
-             target_modules: str | list[str] = RESNET_TARGETS) -> list[str]:
-    """Inject LoRA into ``model`` in place (the model keeps its class and attributes). Returns the names
-    of the adapted modules. Adapters start enabled; see :func:`set_adapters_enabled`."""
+             target_modules: str | list[str] = RESNET_TARGETS, placement: str = "all_blocks") -> list[str]:
+    """Inject LoRA into ``model`` in place (the model keeps its class and attributes) on the modules
+    ``target_modules`` selects under ``placement``. Returns the names of the adapted modules. Adapters start
+    enabled; see :func:`set_adapters_enabled`."""
     if form not in LORA_FORMS:
         raise ValueError(f"lora_form={form!r}; valid: {', '.join(LORA_FORMS)}")
+    if placement != "all_blocks":
+        target_modules = placement_targets(model, target_modules, placement)
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none")

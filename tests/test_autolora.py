@@ -23,6 +23,7 @@ from bench.engine import PlainEngine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ["reference", "peft"]
+PLACEMENTS = ["reference", "all_blocks"]
 
 
 # --- a tiny ResNet-like ImageClassifier (same attributes as bench's) ------------------------------------
@@ -112,27 +113,32 @@ def test_registered_with_paper_defaults():
     cls = get_method("autolora")
     assert cls is AutoLoRa
     cfg = cls.Config()
-    expected = dict(r_nat=8, lora_alpha=1.0, lora_form="reference", lambda2_max=6.0, lambda_updates_per_epoch=1,
+    expected = dict(r_nat=8, lora_alpha=1.0, lora_form="reference", lora_placement="reference",
+                    lambda_data="train_augmented", lambda2_max=6.0, lambda_updates_per_epoch=1,
                     lr=0.01, lr_checkpoint_every=4, rho=0.75, lr_min=1e-5, epochs=60, eval_pgd_steps=10,
                     momentum=0.9, weight_decay=1e-4, batch_size=128, train_attack_steps=10)
     assert {k: getattr(cfg, k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("field,value", [("lora_form", "loralib"), ("r_nat", 0), ("rho", 1.5),
-                                         ("lambda_updates_per_epoch", 0), ("lr_stall_rule", "x")])
+                                         ("lambda_updates_per_epoch", 0), ("lr_stall_rule", "x"),
+                                         ("lora_placement", "last"), ("lambda_data", "test")])
 def test_config_rejects(field, value):
     with pytest.raises(ValueError, match=field):
         AutoLoRaConfig(**{field: value}).validate()
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_targets_and_param_counts(form):
-    method, _, _ = make(form)
-    assert method.lora_names == ["encoder.layer1.0.conv1", "encoder.layer1.0.conv2", "encoder.layer1.0.shortcut.0"]
+@pytest.mark.parametrize("placement,shapes", [("all_blocks", [(8, 12, 3), (12, 12, 3), (8, 12, 1)]),
+                                              ("reference", [(8, 12, 3), (12, 12, 3)])])  # no 1x1 shortcut
+def test_targets_and_param_counts(form, placement, shapes):
+    method, _, _ = make(form, lora_placement=placement)
+    convs = ["encoder.layer1.0.conv1", "encoder.layer1.0.conv2", "encoder.layer1.0.shortcut.0"]
+    assert method.lora_names == convs[:len(shapes)]
     r = 8
     # reference: A (r k, in k) + B (out k, r k) per conv; peft: A conv in->r (k x k) + B conv r->out (1 x 1)
-    ref = sum(r * k * cin * k + cout * k * r * k for cin, cout, k in [(8, 12, 3), (12, 12, 3), (8, 12, 1)])
-    peft = sum(cin * r * k * k + r * cout for cin, cout, k in [(8, 12, 3), (12, 12, 3), (8, 12, 1)])
+    ref = sum(r * k * cin * k + cout * k * r * k for cin, cout, k in shapes)
+    peft = sum(cin * r * k * k + r * cout for cin, cout, k in shapes)
     counts = method.param_counts
     assert counts["lora_reference_form"] == ref and counts["lora_peft_form"] == peft
     assert counts["lora"] == (ref if form == "reference" else peft)
@@ -170,7 +176,54 @@ def test_target_patterns_on_timm(name, pattern, count):
     assert not any(n.endswith(("encoder.conv1", "head", "fc")) for n in names)
 
 
-@pytest.mark.parametrize("name,targets,kwargs", [("resnet18", "resnet", {}),
+# --- where the LoRA branch acts (lora_placement) ---------------------------------------------------------
+def _stage_convs(prefix, blocks, convs):
+    return [f"{prefix}layer{s}.{b}.conv{c}" for s, b in enumerate(blocks, 1) for c in range(1, convs + 1)]
+
+
+def _build(name):
+    if name == "cifar_resnet18_aa":  # the embedded backbone: pyautoattack's CIFAR ResNet-18 (encoder.layerN.M)
+        from bench.backbones import create_backbone
+
+        return create_backbone(name, 10)
+    timm = pytest.importorskip("timm")
+    model = nn.Module()
+    model.encoder = timm.create_model(name, pretrained=False, num_classes=0)  # no weights needed
+    return model
+
+
+@pytest.mark.parametrize("name,placement,want", [
+    # the authors' code: the convs of the last block of each stage, never the 1x1 projection
+    ("cifar_resnet18_aa", "reference", _stage_convs("encoder.", [1, 1, 1, 1], 2)),  # 8 convs
+    ("resnet18", "reference", _stage_convs("encoder.", [1, 1, 1, 1], 2)),  # 8 convs
+    ("resnet50", "reference", _stage_convs("encoder.", [2, 3, 5, 2], 3)),  # layer1.2 layer2.3 layer3.5 layer4.2: 12
+    # every block conv and the projection shortcuts
+    # every block conv and the 1x1 projection shortcuts: (block convs, projections)
+    ("cifar_resnet18_aa", "all_blocks", (16, 3)),
+    ("resnet18", "all_blocks", (16, 3)),
+    ("resnet50", "all_blocks", (16 * 3, 4)),  # 52, as the bench did before lora_placement
+])
+def test_lora_placement_module_lists(name, placement, want):
+    model = _build(name)
+    names = L.add_lora(model, form="reference", target_modules=L.RESNET_TARGETS, placement=placement)
+    if isinstance(want, list):
+        assert names == want
+    else:
+        projections = [n for n in names if n.endswith(("shortcut.0", "downsample.0"))]
+        assert (len(names) - len(projections), len(projections)) == want
+
+
+def test_reference_placement_refuses_non_resnets():
+    timm = pytest.importorskip("timm")
+    model = nn.Module()
+    model.encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16)
+    with pytest.raises(ValueError, match="lora_placement=all_blocks"):
+        L.add_lora(model, target_modules=L.VIT_TARGETS, placement="reference")
+
+
+# zero_init_last=False: timm zeroes each block's last BN scale at random init, which would cut the LoRA
+# convs of the residual branch (all a reference placement adapts) off the loss.
+@pytest.mark.parametrize("name,targets,kwargs", [("resnet18", "resnet", {"zero_init_last": False}),
                                                   ("vit_tiny_patch16_224", "vit", {"img_size": 16})])
 def test_one_step_on_timm_backbones(name, targets, kwargs):
     """The method is not tied to the tiny net: one step on a timm ResNet (BN) and a timm ViT (LayerNorm)."""
@@ -180,7 +233,8 @@ def test_one_step_on_timm_backbones(name, targets, kwargs):
     backbone = TinyClassifier()
     backbone.encoder = encoder
     backbone.head = nn.Linear(encoder.num_features, 4)
-    cfg = AutoLoRaConfig(target_modules=targets, train_attack_steps=1, batch_size=4, weight_decay=0.0)
+    cfg = AutoLoRaConfig(target_modules=targets, train_attack_steps=1, batch_size=4, weight_decay=0.0,
+                         lora_placement="reference" if targets == "resnet" else "all_blocks")
     method = AutoLoRa(cfg, backbone, 4)
     engine = PlainEngine(method.model, method.make_optimizer())
     before = step_with(method, engine, lambda1=0.5, lambda2=1.0)
@@ -203,7 +257,7 @@ def test_main_branch_equals_backbone_and_branches_agree_at_init(form):
         perturb_lora(method)
         assert torch.allclose(method.eval_model()(x), original(x), atol=1e-6)  # W alone, whatever BA is
         with method.lora_branch():
-            assert not torch.allclose(method.model(x), original(x), atol=1e-4)
+            assert not torch.allclose(method.model(x), original(x), atol=1e-5)
     assert not L.adapters_enabled(method.model)  # the resting state is the main branch
     assert all(p.requires_grad for p in method.model.parameters())  # toggling leaves flags as found
 
@@ -232,9 +286,10 @@ def step_with(method, engine, lambda1, lambda2):
     return before
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("form", FORMS)
-def test_natural_term_trains_only_lora_and_head(form):
-    method, engine, _ = make(form)
+def test_natural_term_trains_only_lora_and_head(form, placement):
+    method, engine, _ = make(form, lora_placement=placement)
     before = step_with(method, engine, lambda1=1.0, lambda2=0.0)
     m = method.model
     assert moved(before, m, is_lora)  # B moves (A's gradient is 0 while B = 0)
@@ -246,9 +301,10 @@ def test_natural_term_trains_only_lora_and_head(form):
     assert not moved(before, m, lambda n: not is_lora(n) and not is_head(n))
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("form", FORMS)
-def test_adversarial_term_leaves_lora_unchanged(form):
-    method, engine, _ = make(form)
+def test_adversarial_term_leaves_lora_unchanged(form, placement):
+    method, engine, _ = make(form, lora_placement=placement)
     perturb_lora(method)
     before = step_with(method, engine, lambda1=0.0, lambda2=0.0)
     m = method.model
@@ -297,7 +353,7 @@ def test_lambdas_from_the_lora_branch_clean_accuracy():
         correct = sum((method.model(x).argmax(1) == y).sum().item() for x, y in batches)
     method.model.train()
     acc = correct / 24
-    ctx = TrainContext(epoch=0, steps_per_epoch=3, train_batches=lambda: iter(batches))
+    ctx = TrainContext(epoch=0, steps_per_epoch=3, augmented_train_batches=lambda: iter(batches))
     logs = method.start_epoch(ctx)
     assert logs["lora_train_acc"] == pytest.approx(acc)
     assert (method.lambda1, method.lambda2) == pytest.approx((1 - acc, 6 * acc))
@@ -305,7 +361,7 @@ def test_lambdas_from_the_lora_branch_clean_accuracy():
 
 
 def test_lambda_updates_per_epoch():
-    method, engine, _ = make("reference", lambda_updates_per_epoch=4)
+    method, engine, _ = make("reference", lambda_updates_per_epoch=4, lambda_data="train_clean")
     calls = []
     batches = [data(8, s) for s in range(2)]
 
@@ -320,6 +376,61 @@ def test_lambda_updates_per_epoch():
         method.train_step(engine, data(), ctx)
     assert len(calls) == 4  # start + steps 2, 4, 6
     assert [r["step"] for r in method.lambda_log] == [0, 2, 4, 6]
+
+
+def _counting(batches, calls, name):
+    def source():
+        calls.append(name)
+        return iter(batches)
+
+    return source
+
+
+@pytest.mark.parametrize("lambda_data,source", [("train_augmented", "augmented"), ("train_clean", "clean")])
+def test_lambda_data_source(lambda_data, source):
+    """λ is measured on the loader lambda_data names: the augmented training loader (the authors') or clean."""
+    method, _, _ = make("reference", lambda_data=lambda_data)
+    perturb_lora(method)
+    calls = []
+    aug, clean = [data(8, 0)], [data(8, 1)]
+    ctx = TrainContext(epoch=0, steps_per_epoch=1, augmented_train_batches=_counting(aug, calls, "augmented"),
+                       train_batches=_counting(clean, calls, "clean"))
+    method.start_epoch(ctx)
+    want = method.lora_branch_accuracy(aug if source == "augmented" else clean)
+    assert calls == [source] and method.lambda_log[-1]["lora_train_acc"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="augmented_train_batches" if source == "augmented" else "train_batches"):
+        other, _, _ = make("reference", lambda_data=lambda_data)
+        other.start_epoch(TrainContext(epoch=0, steps_per_epoch=1))
+
+
+def test_lambda_measured_after_validation_before_reload():
+    """As the authors' code: before epoch 1, then at each epoch's end after validation on the weights the
+    epoch ended with (the bench reloads the best checkpoint only after end_epoch returns); not again at the
+    next epoch's start, and not after the last epoch."""
+    method, _, _ = make("reference", epochs=5, lr=0.01)
+    calls = []
+    batches = [data(8, s) for s in range(2)]
+    for epoch, v in enumerate([0.5, 0.4, 0.45, 0.44, 0.43]):  # halves and asks for a reload after epoch 5
+        ctx = TrainContext(epoch=epoch, steps_per_epoch=1, augmented_train_batches=_counting(batches, calls, "aug"))
+        method.start_epoch(ctx)
+        perturb_lora(method)  # "training" changes the LoRA branch during the epoch
+        acc_now = method.lora_branch_accuracy(batches)
+        d = method.end_epoch(epoch, {"val_clean_acc": 0.9, "val_pgd_acc": v})
+        if epoch < 4:
+            assert method.lambda_log[-1]["lora_train_acc"] == pytest.approx(acc_now)
+            assert method.lambda_log[-1]["when"] == "after_validation" and method.lambda_epoch == epoch + 1
+    assert d.reload_best
+    assert len(calls) == 5  # before epoch 1 + after epochs 1-4
+    assert [r["epoch"] for r in method.lambda_log] == [0, 1, 2, 3, 4]
+    assert [r["lambda1"] for r in method.epoch_log] == [r["lambda1"] for r in method.lambda_log]
+    # a resumed method (state from the 'last' checkpoint) keeps the λ measured for its next epoch
+    other, _, _ = make("reference", epochs=6)
+    state = method.state_dict()
+    state["lambda_epoch"] = 5
+    other.load_state_dict(json.loads(json.dumps(state)))
+    other.start_epoch(TrainContext(epoch=5, steps_per_epoch=1,
+                                   augmented_train_batches=_counting(batches, calls, "aug")))
+    assert len(calls) == 5 and other.lambda1 == method.lambda1
 
 
 # --- KL -------------------------------------------------------------------------------------------------
@@ -390,7 +501,8 @@ def test_end_epoch_sets_lr_and_records_trajectories():
     method, engine, _ = make("reference", lr=0.01)
     batches = [data(8, 0)]
     for epoch, v in enumerate([0.5, 0.4, 0.45, 0.44, 0.43]):
-        method.start_epoch(TrainContext(epoch=epoch, steps_per_epoch=1, train_batches=lambda: iter(batches)))
+        method.start_epoch(TrainContext(epoch=epoch, steps_per_epoch=1,
+                                        augmented_train_batches=lambda: iter(batches)))
         d = method.end_epoch(epoch, {"val_clean_acc": 0.9, "val_pgd_acc": v})
     assert d.reload_best and method.current_lr() == pytest.approx(0.005)
     summary = json.loads(json.dumps(method.summary()))
@@ -412,7 +524,8 @@ from bench.engine import build_engine
 
 def run(stage, lambda1, lambda2):
     torch.manual_seed(0)
-    cfg = AutoLoRaConfig(weight_decay=0.0, train_attack_steps=2, batch_size=8, lr=0.1, zero_stage=stage)
+    cfg = AutoLoRaConfig(weight_decay=0.0, train_attack_steps=2, batch_size=8, lr=0.1, zero_stage=stage,
+                         lora_placement=%(placement)r)
     m = AutoLoRa(cfg, TinyClassifier(), 4)
     perturb_lora(m)
     opt = m.make_optimizer()
@@ -435,11 +548,12 @@ for stage in (0, 2):
 """
 
 
-def test_deepspeed_engine_matches_plain_step(tmp_path):
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_deepspeed_engine_matches_plain_step(tmp_path, placement):
     """ZeRO 0 and 2: two AutoLoRa steps through DeepSpeed give the plain-PyTorch weights, and the routing
-    holds (natural term only: base unchanged; adversarial term only: LoRA unchanged)."""
+    holds (natural term only: base unchanged; adversarial term only: LoRA unchanged), under either placement."""
     env = _env(tmp_path)
-    script = DS_SCRIPT % {"tests": str(Path(__file__).parent)}
+    script = DS_SCRIPT % {"tests": str(Path(__file__).parent), "placement": placement}
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -484,7 +598,10 @@ def _check_result(out):
     assert s["lr"] == [0.01] and 0.0 <= s["lambda1"][0] <= 1.0
     assert s["lambda2"][0] == pytest.approx(6 * (1 - s["lambda1"][0]))
     assert s["selected_epoch"] == 0
-    assert s["params"]["lora_targets"] == 19 and s["params"]["lora"] == s["params"]["lora_reference_form"]
+    # the reference placement: the two convs of the last block of each of the 4 stages
+    assert s["params"]["lora_targets"] == 8 and s["params"]["lora"] == s["params"]["lora_reference_form"]
+    assert s["lora_placement"] == "reference" and s["lambda_data"] == "train_augmented"
+    assert [m["when"] for m in s["lambda_measurements"]] == ["start"]
     assert 0.0 <= result["metrics"]["clean_acc"] <= 1.0 and 0.0 <= result["metrics"]["pgd_acc"] <= 1.0
     return result
 
