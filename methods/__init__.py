@@ -5,7 +5,7 @@ Importing this package registers the built-in methods.
 from methods.registry import get_method, list_methods, register_method  # noqa: F401
 from methods import baselines  # noqa: F401,E402  (registers rft, ft)
 
-for _optional in ("autolora", "amt", "pmf"):
+for _optional in ("autolora", "twins", "amt", "pmf"):
     try:  # a method module under construction must not break the others
         __import__(f"methods.{_optional}")
     except ModuleNotFoundError as e:
