@@ -30,14 +30,14 @@ from torch import nn
 from methods.attacks import eval_mode
 from methods.base import TrainContext
 from methods.merge import diff_augment, merge_weights, merged_overrides, support_score
-from methods.pmf import PMF, PMFConfig, ProtoClassifier, episode_to, prototypes
+from methods.pmf import ProtoNetLoRA, ProtoNetLoRAConfig, episode_to, prototypes
 from methods.registry import register_method
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class AMTConfig(PMFConfig):
+class AMTConfig(ProtoNetLoRAConfig):
     lambda_adv: float = 6.0  # weight of the KL term (TRADES-style beta)
     train_attack_steps: int = 2  # pyramid attack steps during meta-tuning (paper: 2)
     train_step_frac: float = 0.1  # attack step = frac * member eps (paper: eps/10)
@@ -79,7 +79,8 @@ class AMTConfig(PMFConfig):
 # members whose configs differ only here are the same member (bench/amt_pool.py caches them by the rest).
 POOL_ONLY_FIELDS = ("pool_size", "pool_eps", "member_eps", "pool_dir", "adapter_path", "merge_top_k",
                     "merge_lambda", "merge_beta", "trim_rho", "trim_modules", "merge_aug_p", "merge_seed",
-                    "episodes", "n_eval", "eval_pgd_steps", "autoattack_version")
+                    "episodes", "n_eval", "eval_pgd_steps", "autoattack_version", "test_time_ft_steps",
+                    "test_time_ft_lr", "test_time_ft_aug_p", "target_datasets")
 
 
 def pool_eps_list(cfg: AMTConfig) -> list[float]:
@@ -162,7 +163,7 @@ def _updates_module_in_place(engine) -> bool:
 
 
 @register_method("amt")
-class AMT(PMF):
+class AMT(ProtoNetLoRA):
     """Adversarial meta-tuning of one LoRA pool member; with ``pool_dir``, test-time merging of the pool."""
 
     Config = AMTConfig
@@ -307,13 +308,12 @@ class AMT(PMF):
                 weights = merge_weights(torch.tensor(scores), cfg.merge_beta, cfg.merge_top_k)
             ov = merged_overrides(root, states, weights.tolist(), prefix=prefix, rho=cfg.trim_rho,
                                   trim_pattern=cfg.trim_modules)
-            feats = torch.func.functional_call(self.model, ov, (support_x,), strict=False).float()
         self.last_merge = weights.tolist()
         self._merge_sum = [a + b for a, b in zip(self._merge_sum or [0.0] * len(weights), self.last_merge)]
         self._merge_n += 1
         scale = sum(float(w) * s["scale_cls"] for w, s in zip(weights, states))
         bias = sum(float(w) * s.get("bias", torch.zeros(1)).to(device) for w, s in zip(weights, states))
-        return ProtoClassifier(self.model, prototypes(feats, support_y, ways), scale, bias, overrides=ov)
+        return self.build_classifier(support_x, support_y, ways, scale, bias, overrides=ov)  # AMT-FT: test_time_ft_steps
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()

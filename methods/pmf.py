@@ -1,11 +1,20 @@
-"""PMF baseline: ProtoNet meta-tuning of an SVD-initialised LoRA on a frozen backbone, clean episodes only.
+"""Cosine-ProtoNet meta-training: PMF (``pmf``) and its LoRA-only form (``protonet_lora``), plus PMF's test-time
+fine-tuning on the augmented support, shared by every episodic method built on this module.
 
-This is AMT's pipeline without the adversarial query set, the weight perturbation and the pool (PMF,
-Hu et al. CVPR 2022, meta-trains a cosine ProtoNet; here, as in AMT, only LoRA factors and the
-classifier scale are tuned). ``methods/amt.py`` builds on this module.
+- ``pmf`` (Hu et al., CVPR 2022, hushell/pmf_cvpr22): meta-trains the WHOLE backbone plus the classifier's
+  scale and bias with ProtoNet episodes, and is reported with test-time fine-tuning ("finetune" deploy).
+- ``protonet_lora``: the same episodes on an SVD-initialised LoRA of a frozen backbone (only LoRA factors and
+  the scale train): AMT's pipeline without the adversarial queries, the weight perturbation and the pool,
+  i.e. AMT's clean ablation. ``methods/amt.py`` builds on it.
 
 ProtoNet head: prototypes are the mean clean support features; logits = scale * (cos(f(x), c_k) + bias),
-scale learnable, initialised 10; bias fixed at 0 unless ``learn_bias``.
+scale learnable, initialised 10; bias learnable with ``learn_bias`` (PMF), else fixed at 0 (AMT).
+
+Test-time fine-tuning (``test_time_ft_steps`` > 0; PMF's ``ProtoNet_Finetune``): per episode, a copy of the
+backbone's weights is trained with Adam (betas 0.9/0.999, no weight decay) for ``test_time_ft_steps`` steps on
+the cross-entropy of DiffAugment'ed support images against prototypes of the clean support recomputed with the
+current weights; scale and bias stay. The copy is a parameter dictionary for ``torch.func.functional_call``:
+the trained model is never edited, so nothing carries over from one episode to the next.
 """
 from __future__ import annotations
 
@@ -21,28 +30,49 @@ from torch import nn
 from methods.attacks import eval_mode
 from methods.base import EpisodicConfig, Method, TrainContext, freeze
 from methods.lora_svd import apply_svd_lora
+from methods.merge import diff_augment
 from methods.registry import register_method
 
 ADAPTER_FORMAT = "amt-lora-v1"
 
 
 @dataclass
-class PMFConfig(EpisodicConfig):
-    # paper settings (AMT, NeurIPS 2024; the same for its PMF row)
+class ProtoNetConfig(EpisodicConfig):
+    """What every cosine-ProtoNet method shares: schedule, head, test-time fine-tuning."""
+
+    # paper settings (AMT, NeurIPS 2024)
     epochs: int = 30
     lr: float = 5e-4
     momentum: float = 0.9
     weight_decay: float = 0.0
     warmup_epochs: int = 5  # linear warm-up, then cosine to min_lr (per step)
     min_lr: float = 0.0
-    rank: int = 8
-    lora_alpha: float | None = None  # None: alpha = rank (scale 1), as the reference
-    target_modules: str = "auto"  # regex over encoder module names; auto: ViT qkv/proj/fc1/fc2, else layer* convs
-    qkv_mode: str = "merged"  # merged: one rank-r LoRA per q, k, v block (reference); fused: one across qkv (PEFT)
     scale_init: float = 10.0
     learn_bias: bool = False
     freeze_norm: bool = True  # the frozen backbone's BatchNorm keeps its running statistics during meta-tuning
     select_metric: str = "val_fewshot_acc"
+    # test-time fine-tuning on the episode's augmented support (PMF's "finetune" deploy, AMT-FT); 0 steps = off
+    test_time_ft_steps: int = 0
+    test_time_ft_lr: float = 1e-4
+    test_time_ft_aug_p: float = 0.9  # DiffAugment (colour + translation) probability per step
+
+    def validate(self) -> None:
+        super().validate()
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
+        if self.test_time_ft_steps < 0 or self.test_time_ft_lr < 0:
+            raise ValueError(f"test_time_ft_steps={self.test_time_ft_steps} and test_time_ft_lr="
+                             f"{self.test_time_ft_lr} must be >= 0")
+        if not 0.0 <= self.test_time_ft_aug_p <= 1.0:
+            raise ValueError(f"test_time_ft_aug_p={self.test_time_ft_aug_p} must be in [0, 1]")
+
+
+@dataclass
+class ProtoNetLoRAConfig(ProtoNetConfig):
+    rank: int = 8
+    lora_alpha: float | None = None  # None: alpha = rank (scale 1), as the reference
+    target_modules: str = "auto"  # regex over encoder module names; auto: ViT qkv/proj/fc1/fc2, else layer* convs
+    qkv_mode: str = "merged"  # merged: one rank-r LoRA per q, k, v block (reference); fused: one across qkv (PEFT)
     adapter_path: str | None = None  # where the selected epoch's LoRA is saved (pool members set it)
 
     def validate(self) -> None:
@@ -51,8 +81,20 @@ class PMFConfig(EpisodicConfig):
             raise ValueError(f"rank={self.rank} must be positive")
         if self.qkv_mode not in ("merged", "fused"):
             raise ValueError(f"qkv_mode={self.qkv_mode!r}; valid: merged, fused")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
+
+
+@dataclass
+class PMFConfig(ProtoNetConfig):
+    """PMF's Meta-Dataset ImageNet-only recipe (README and utils/args.py of hushell/pmf_cvpr22): SGD momentum
+    0.9, no weight decay, lr 5e-4, 100 epochs, 5 warm-up epochs, cosine to 1e-6; the whole backbone, the
+    scale and the bias train; deployed with 100 fine-tuning steps at lr 1e-4 (its Meta-Dataset command)."""
+
+    epochs: int = 100
+    min_lr: float = 1e-6
+    learn_bias: bool = True
+    freeze_norm: bool = False  # the whole backbone trains, normalisation statistics included
+    test_time_ft_steps: int = 100
+    test_time_ft_lr: float = 1e-4
 
 
 def prototypes(feats: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -117,6 +159,34 @@ class ProtoClassifier(nn.Module):
         return cosine_logits(self.features(x), self.protos, self.scale, self.bias_)
 
 
+def finetune_on_support(model: ProtoNet, support_x: torch.Tensor, support_y: torch.Tensor, ways: int, *,
+                        steps: int, lr: float, aug_p: float, scale: torch.Tensor, bias: torch.Tensor,
+                        overrides: dict[str, torch.Tensor] | None = None,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """PMF's test-time fine-tuning: a copy of every backbone weight (``overrides`` first, e.g. a merged
+    pool's) trained for ``steps`` Adam steps on the augmented support; returns the copy as overrides for
+    ``functional_call``. ``model`` itself is not modified."""
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    state.update(overrides or {})
+    trained = {n: t.detach().clone().requires_grad_(True) for n, t in state.items()
+               if n.startswith("backbone.") and t.is_floating_point()}
+    opt = torch.optim.Adam(list(trained.values()), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    n = len(support_x)
+    scale, bias = scale.detach().float(), bias.detach().float()
+    with eval_mode(model), torch.enable_grad():
+        for _ in range(steps):
+            aug = diff_augment(support_x, generator, aug_p)
+            feats = torch.func.functional_call(model, {**state, **trained}, (torch.cat([support_x, aug]),),
+                                               strict=False).float()
+            # prototypes from the clean support under the current weights, gradient through them (as PMF)
+            logits = cosine_logits(feats[n:], prototypes(feats[:n], support_y, ways), scale, bias)
+            loss = F.cross_entropy(logits, support_y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return {**state, **{k: v.detach() for k, v in trained.items()}}
+
+
 def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` to ``min_lr`` over the rest."""
     if warmup > 0 and step < warmup:
@@ -131,18 +201,14 @@ def episode_to(episode, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return sx.to(device), sy.to(device).long(), qx.to(device), qy.to(device).long()
 
 
-@register_method("pmf")
-class PMF(Method):
-    """ProtoNet meta-tuning of LoRA (clean), the baseline AMT is compared with."""
+class ProtoNetMethod(Method):
+    """Episodic cosine-ProtoNet training (clean episodes) and evaluation; subclasses say what trains."""
 
-    Config = PMFConfig
+    Config = ProtoNetConfig
     episodic = True
 
-    def __init__(self, cfg: PMFConfig, backbone: nn.Module, num_classes: int):
+    def __init__(self, cfg: ProtoNetConfig, backbone: nn.Module, num_classes: int):
         super().__init__(cfg, backbone, num_classes)
-        freeze(backbone)
-        self.lora_layers = apply_svd_lora(backbone.encoder, r=cfg.rank, alpha=cfg.lora_alpha,
-                                          target_modules=cfg.target_modules, qkv_mode=cfg.qkv_mode)
         self.model = ProtoNet(backbone, cfg.scale_init, cfg.learn_bias, cfg.freeze_norm)
         self._steps_per_epoch = cfg.episodes_per_epoch
 
@@ -176,24 +242,68 @@ class PMF(Method):
         return {"train_loss": loss.item(), "train_acc": (logits.argmax(1) == qy).float().mean().item(),
                 "lr": self.current_lr()}
 
-    def end_epoch(self, epoch: int, val: dict[str, float]):
-        decision = super().end_epoch(epoch, val)
-        if self.cfg.adapter_path and (decision.is_best or val.get(self.cfg.select_metric) is None):
-            self.save_adapter(self.cfg.adapter_path)
-        return decision
-
     # --- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor) -> nn.Module:
         device = next(self.model.parameters()).device
         support_x, support_y = support_x.to(device), support_y.to(device).long()
         ways = int(support_y.max()) + 1
-        with eval_mode(self.model):
-            protos = prototypes(self.model(support_x).float(), support_y, ways)
-        return ProtoClassifier(self.model, protos, self.model.scale_cls, self.model.bias)
+        return self.build_classifier(support_x, support_y, ways, self.model.scale_cls, self.model.bias)
+
+    def build_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor, ways: int, scale, bias,
+                         overrides: dict[str, torch.Tensor] | None = None) -> ProtoClassifier:
+        """The episode's classifier over ``overrides`` (None: the model's weights), fine-tuned on the
+        augmented support first when ``test_time_ft_steps`` > 0."""
+        cfg = self.cfg
+        if cfg.test_time_ft_steps > 0 and cfg.test_time_ft_lr > 0:
+            # one seed per call: the same episode gets the same fine-tuning, whatever ran before it
+            gen = torch.Generator().manual_seed(cfg.seed)
+            overrides = finetune_on_support(self.model, support_x, support_y, ways, steps=cfg.test_time_ft_steps,
+                                            lr=cfg.test_time_ft_lr, aug_p=cfg.test_time_ft_aug_p,
+                                            scale=torch.as_tensor(scale), bias=torch.as_tensor(bias),
+                                            overrides=overrides, generator=gen)
+        with torch.no_grad(), eval_mode(self.model):
+            if overrides is None:
+                feats = self.model(support_x)
+            else:
+                feats = torch.func.functional_call(self.model, overrides, (support_x,), strict=False)
+        return ProtoClassifier(self.model, prototypes(feats.float(), support_y, ways), scale, bias,
+                               overrides=overrides)
 
     def eval_model(self) -> nn.Module:
         return self.model
+
+    def summary(self) -> dict[str, Any]:
+        return {"history": self.history,
+                "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
+
+
+@register_method("pmf")
+class PMF(ProtoNetMethod):
+    """PMF: ProtoNet meta-training of the whole backbone with the head's scale and bias; deployed with
+    test-time fine-tuning on each episode's augmented support."""
+
+    Config = PMFConfig
+
+
+@register_method("protonet_lora")
+class ProtoNetLoRA(ProtoNetMethod):
+    """ProtoNet meta-tuning of an SVD-initialised LoRA on a frozen backbone (clean episodes): AMT's clean
+    ablation, and the base AMT builds on."""
+
+    Config = ProtoNetLoRAConfig
+
+    def __init__(self, cfg: ProtoNetLoRAConfig, backbone: nn.Module, num_classes: int):
+        freeze(backbone)
+        self.lora_layers = apply_svd_lora(backbone.encoder, r=cfg.rank, alpha=cfg.lora_alpha,
+                                          target_modules=cfg.target_modules, qkv_mode=cfg.qkv_mode)
+        super().__init__(cfg, backbone, num_classes)
+
+    def end_epoch(self, epoch: int, val: dict[str, float]):
+        decision = super().end_epoch(epoch, val)
+        if self.cfg.adapter_path and (decision.is_best or val.get(self.cfg.select_metric) is None):
+            self.save_adapter(self.cfg.adapter_path)
+        return decision
 
     # --- adapters -----------------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -248,5 +358,4 @@ class PMF(Method):
         return payload
 
     def summary(self) -> dict[str, Any]:
-        return {"history": self.history, "lora_layers": len(self.lora_layers),
-                "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
+        return {**super().summary(), "lora_layers": len(self.lora_layers)}

@@ -1,5 +1,6 @@
-"""AMT and PMF: SVD-initialised LoRA, test-time merging, the pyramid attack, meta-tuning, few-shot evaluation,
-the pool, and ``bench run --method amt/pmf`` end to end on the embedded default."""
+"""AMT, PMF and the LoRA ProtoNet: SVD-initialised LoRA, test-time merging, the pyramid attack, meta-tuning,
+test-time fine-tuning, few-shot evaluation, the pool, and ``bench run --method amt/pmf`` end to end on the
+embedded default."""
 from __future__ import annotations
 
 import copy
@@ -21,10 +22,11 @@ from bench.config import resolve_config
 from bench.fewshot import evaluate_fewshot, mean_ci95
 from methods import get_method
 from methods.amt import AMT, AMTConfig, kl_div, pool_eps_list, pyramid_attack
+from methods.attacks import eval_mode
 from methods.base import Episode, TrainContext
 from methods.lora_svd import apply_svd_lora, lora_sites, site_keys, site_weight
 from methods.merge import merge_weights, merged_overrides, trim_rank
-from methods.pmf import PMF, prototypes
+from methods.pmf import PMF, ProtoNetLoRA, prototypes
 
 from bench.engine import PlainEngine  # noqa: E402
 
@@ -54,7 +56,8 @@ def episode(seed=0, ways=3, shots=2, queries=3, size=32):
 
 
 def make_method(name="amt", **over):
-    cfg = resolve_config(name, {"rank": 4, "epochs": 1, "episodes_per_epoch": 4, "warmup_epochs": 0, **over})
+    lora = {"rank": 4} if name != "pmf" else {}  # pmf trains the whole backbone: no LoRA fields
+    cfg = resolve_config(name, {**lora, "epochs": 1, "episodes_per_epoch": 4, "warmup_epochs": 0, **over})
     torch.manual_seed(0)
     return get_method(name)(cfg, create_backbone("tiny_cnn", 5), 5)
 
@@ -207,6 +210,7 @@ def query_ce(method, ep):
 
 @pytest.mark.parametrize("name, over", [
     ("pmf", {}),
+    ("protonet_lora", {}),
     ("amt", {"member_eps": 8.0}),
     ("amt", {"member_eps": 8.0, "awp_eta": 0.0}),
 ])
@@ -246,7 +250,65 @@ def test_configs_carry_the_paper_defaults():
     assert (c.lambda_adv, c.train_attack_steps, c.train_step_frac, c.awp_eta, c.pool_size) == (6.0, 2, 0.1, 1e-4, 4)
     assert c.pool_eps == [0.01, 0.1, 6.0, 8.0] and c.merge_top_k == 2 and c.trim_rho == 1.0
     assert c.scale_init == 10.0 and c.select_metric == "val_fewshot_acc"
-    assert get_method("amt") is AMT and get_method("pmf") is PMF and AMT.episodic and PMF.episodic
+    assert get_method("amt") is AMT and get_method("pmf") is PMF and get_method("protonet_lora") is ProtoNetLoRA
+    assert AMT.episodic and PMF.episodic and ProtoNetLoRA.episodic and c.test_time_ft_steps == 0
+    p = get_method("pmf").Config()  # hushell/pmf_cvpr22: README (Meta-Dataset, ImageNet only) and utils/args.py
+    assert (p.lr, p.epochs, p.warmup_epochs, p.min_lr, p.momentum, p.weight_decay, p.learn_bias) == \
+        (5e-4, 100, 5, 1e-6, 0.9, 0.0, True)
+    assert (p.test_time_ft_steps, p.test_time_ft_lr, p.test_time_ft_aug_p) == (100, 1e-4, 0.9)
+
+
+# --- PMF: whole-backbone meta-training, test-time fine-tuning ------------------------------------------
+def _backbone_weights(method):
+    return {n: p.detach().clone() for n, p in method.model.backbone.named_parameters() if "lora_" not in n}
+
+
+@pytest.mark.parametrize("name, moves_backbone", [("pmf", True), ("protonet_lora", False)])
+def test_pmf_meta_trains_the_whole_backbone_protonet_lora_only_its_lora(name, moves_backbone):
+    method = make_method(name, lr=0.05)
+    engine = PlainEngine(method.model, method.make_optimizer())
+    before = _backbone_weights(method)
+    bias0 = method.model.bias.detach().clone()
+    method.model.train()
+    for step in range(2):
+        method.train_step(engine, episode(), TrainContext(epoch=0, step=step, steps_per_epoch=2))
+    moved = [n for n, p in method.model.backbone.named_parameters() if n in before and
+             not torch.equal(p.detach(), before[n])]
+    assert bool(moved) == moves_backbone, moved[:3]
+    assert (not torch.equal(method.model.bias.detach(), bias0)) == moves_backbone  # PMF learns the bias
+
+
+def _logits(clf, x):
+    with torch.no_grad(), eval_mode(clf):  # as evaluate_fewshot runs it (BatchNorm statistics stay)
+        return clf(x)
+
+
+def _support_loss(clf, ep):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(_logits(clf, ep.support_x), ep.support_y).item()
+
+
+@pytest.mark.parametrize("name, over", [("pmf", {}), ("protonet_lora", {}), ("amt", {"member_eps": 8.0})])
+def test_test_time_finetuning_fits_the_support_and_does_not_leak(name, over):
+    ep, other = episode(0), episode(1)
+    plain = make_method(name, test_time_ft_steps=0, **over)
+    tuned = make_method(name, test_time_ft_steps=8, test_time_ft_lr=1e-3, **over)  # DiffAugment p = 0.9
+    # without augmentation the objective is the support loss itself (random-noise images do not survive
+    # DiffAugment's colour shifts, so only this variant must lower it)
+    unaugmented = make_method(name, test_time_ft_steps=8, test_time_ft_lr=1e-3, test_time_ft_aug_p=0.0, **over)
+    weights = {n: p.detach().clone() for n, p in tuned.model.state_dict().items()}
+    clf0, clf1 = plain.episode_classifier(ep.support_x, ep.support_y), tuned.episode_classifier(ep.support_x,
+                                                                                                ep.support_y)
+    assert not torch.allclose(_logits(clf0, ep.query_x), _logits(clf1, ep.query_x))  # the classifier changed
+    fitted = unaugmented.episode_classifier(ep.support_x, ep.support_y)
+    assert _support_loss(fitted, ep) < _support_loss(clf0, ep) - 0.05  # and fits its support better
+    # nothing carries over: the model is untouched, and an episode's classifier is the same after another
+    tuned.episode_classifier(other.support_x, other.support_y)
+    for n, t in tuned.model.state_dict().items():
+        assert torch.equal(t, weights[n]), n
+    again = tuned.episode_classifier(ep.support_x, ep.support_y)
+    torch.testing.assert_close(_logits(again, ep.query_x), _logits(clf1, ep.query_x))
 
 
 @pytest.mark.parametrize("size, expected", [(4, [0.01, 0.1, 6.0, 8.0]), (2, [0.01, 8.0]), (1, [8.0]),
@@ -433,11 +495,12 @@ def bench(*args):
 
 
 EPISODIC = ["--set", "epochs=1", "--set", "episodes_per_epoch=2", "--set", "episodes=4", "--set", "val_episodes=1",
-            "--set", "eval_pgd_steps=1", "--set", "queries=3", "--set", "rank=4"]
+            "--set", "eval_pgd_steps=1", "--set", "queries=3"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, extra", [("pmf", []), ("amt", ["--set", "pool_size=2"])])
+@pytest.mark.parametrize("method, extra", [("pmf", ["--set", "test_time_ft_steps=2"]),
+                                           ("amt", ["--set", "pool_size=2", "--set", "rank=4"])])
 def test_bench_run_episodic_end_to_end(shards_root, tmp_path, method, extra):
     out = tmp_path / method
     p = bench("run", "--method", method, "--dataset", "digits", "--backbone", "cifar_resnet18_aa",

@@ -77,7 +77,7 @@ def test_schema_errors(tmp_path):
     assert "> 0" in m
     m = _err(tmp_path, "methods: [rft]\nspace: {lr: {normal: [0, 1]}}\n")
     assert "grid, choice, uniform, loguniform, randint" in m
-    m = _err(tmp_path, "methods: [rft]\nfixed: {rank: 4}\n")  # an autolora/pmf field, not rft's
+    m = _err(tmp_path, "methods: [rft]\nfixed: {rank: 4}\n")  # an autolora/protonet_lora field, not rft's
     assert "fixed.rank" in m and "method rft" in m and "epochs" in m
     m = _err(tmp_path, "methods: [rft]\nspace: {eps: {uniform: [0, 2]}}\n")  # eps in [0, 1]
     assert "space.eps" in m and "eps" in m
