@@ -67,7 +67,8 @@ def run(args) -> int:
             raise ValueError(f"--workers-per-trial {args.workers_per_trial} must be >= 1")
         spec.workers = args.workers_per_trial
     if args.check:
-        print(f"{spec.path}: ok, {spec.n_trials()} trials of {', '.join(spec.methods)}")
+        print(f"{spec.path}: ok, {spec.n_trials()} trials of {', '.join(spec.methods)} on "
+              f"{', '.join(spec.datasets())}, every config resolved")
         return 0
     results = (args.results or Path("results") / spec.name).resolve()
     if args.overwrite and not args.resume and results.exists():
@@ -211,7 +212,8 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
         ctx = {"results": str(results), "data_root": str(data_root), "name": spec.name,
                "members": str(results / MEMBERS_DIR),
                "space_keys": sorted(spec.space), "metrics": {m: spec.metric_for(m) for m in spec.methods},
-               "spec_fixed": {m: spec.overrides(m, 0, {}) for m in spec.methods},
+               "spec_fixed": {m: spec.overrides(m, 0, {}, per_dataset=False) for m in spec.methods},
+               "per_dataset": {m: {d: spec.dataset_overrides(m, d) for d in spec.per_dataset} for m in spec.methods},
                "workers": spec.workers, "cpus": spec.cpus, "gpus": spec.gpus,
                "storage": str(results / TUNE_DIR)}
         ctx["pool_parallel"] = _pool_parallel(spec, ray.cluster_resources())
@@ -436,7 +438,9 @@ def _trial_setup(config: dict, ctx: dict, trial_id: str):
 
     method, seed = config["method"], int(config["seed"])
     sampled = {k: config[k] for k in ctx["space_keys"]}
-    overrides = {**ctx["spec_fixed"][method], **sampled, "seed": seed}
+    fixed = ctx["spec_fixed"][method]
+    dataset = sampled.get("dataset", fixed.get("dataset"))
+    overrides = {**fixed, **ctx.get("per_dataset", {}).get(method, {}).get(dataset, {}), **sampled, "seed": seed}
     name = trial_dir_name(method, seed, trial_id)
     out_dir = Path(ctx["results"]) / name
     swept = {"method": method, "seed": seed, **sampled}

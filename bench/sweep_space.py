@@ -8,6 +8,8 @@ A sweep file::
     backbone: cifar_resnet18_aa
     fixed: {epochs: 2, n_eval: 64}     # settings of every trial (checked against every method's Config)
     per_method: {amt: {pool_size: 2}}  # settings of one method's trials
+    per_dataset:                       # settings of one data set's trials (the top-level or a swept dataset);
+      cifar10: {input_resize: 224, rft: {weight_decay: 1.0e-5}}   # a method's name: that method's only
     space:                             # the search space; a key may be any config field of every method
       lr: {loguniform: [1.0e-3, 1.0e-1]}
       rank: {choice: [4, 8]}           # grid, choice (lists); uniform, loguniform, randint ([low, high])
@@ -33,7 +35,8 @@ from typing import Any
 
 import yaml
 
-TOP_KEYS = ("name", "method", "methods", "dataset", "backbone", "fixed", "per_method", "space", "scheduler",
+TOP_KEYS = ("name", "method", "methods", "dataset", "backbone", "fixed", "per_method", "per_dataset", "space",
+            "scheduler",
             "search", "num_samples", "metric", "mode", "seeds", "resources", "max_concurrent_trials",
             "max_failures", "time_budget_s", "description")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -59,6 +62,7 @@ class SweepSpec:
     backbone: str
     fixed: dict[str, Any] = field(default_factory=dict)
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
     space: dict[str, tuple[str, list]] = field(default_factory=dict)  # key -> (distribution, args)
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "fifo"})
     search: str = "random"
@@ -81,10 +85,25 @@ class SweepSpec:
 
         return "val_fewshot_acc" if getattr(get_method(method), "episodic", False) else "val_pgd_acc"
 
-    def overrides(self, method: str, seed: int, sampled: dict[str, Any]) -> dict[str, Any]:
-        """The ``resolve_config`` overrides of one trial."""
+    def overrides(self, method: str, seed: int, sampled: dict[str, Any], per_dataset: bool = True
+                  ) -> dict[str, Any]:
+        """The ``resolve_config`` overrides of one trial: fixed < per_method < per_dataset < sampled
+        (``per_dataset=False``: without the data set's own settings, for a trial to add them itself)."""
+        dataset = sampled.get("dataset", self.dataset)
+        own = self.dataset_overrides(method, dataset) if per_dataset else {}
         return {"dataset": self.dataset, "backbone": self.backbone, **self.fixed,
-                **self.per_method.get(method, {}), **sampled, "seed": seed}
+                **self.per_method.get(method, {}), **own, **sampled, "seed": seed}
+
+    def dataset_overrides(self, method: str, dataset: str) -> dict[str, Any]:
+        """``per_dataset`` settings of ``method``'s trials on ``dataset``: the shared ones, then the method's."""
+        block = self.per_dataset.get(str(dataset), {})
+        shared = {k: v for k, v in block.items() if k not in self.methods}
+        return {**shared, **block.get(method, {})}
+
+    def datasets(self) -> list[str]:
+        """The data sets the trials run on: the swept grid/choice values, or the top-level one."""
+        dist_args = self.space.get("dataset")
+        return [str(d) for d in dist_args[1]] if dist_args else [self.dataset]
 
     def n_trials(self) -> int:
         grid = 1
@@ -185,7 +204,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise _fail(path, "name", f"{spec.name!r}: use letters, digits, '-', '_' and '.' only")
 
     # --- fixed settings ---
-    for section in ("fixed", "per_method", "space"):
+    for section in ("fixed", "per_method", "per_dataset", "space"):
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise _fail(path, section, f"expected a mapping, got {raw[section]!r}")
     spec.fixed = dict(raw.get("fixed") or {})
@@ -196,11 +215,24 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(block, dict):
             raise _fail(path, f"per_method.{m}", f"expected a mapping, got {block!r}")
     spec.per_method = {m: dict(b) for m, b in per_method.items()}
+    per_dataset = dict(raw.get("per_dataset") or {})
+    for d, block in per_dataset.items():
+        if not isinstance(block, dict):
+            raise _fail(path, f"per_dataset.{d}", f"expected a mapping, got {block!r}")
+        for m in methods:
+            if m in block and not isinstance(block[m], dict):
+                raise _fail(path, f"per_dataset.{d}.{m}", f"expected a mapping of {m}'s settings, got {block[m]!r}")
+    spec.per_dataset = {str(d): dict(b) for d, b in per_dataset.items()}
+    per_dataset_keys = [k for b in spec.per_dataset.values() for k, v in b.items() if k not in methods] + \
+        [k for b in spec.per_dataset.values() for m in methods for k in b.get(m, {})]
     space_raw = dict(raw.get("space") or {})
-    for key in list(spec.fixed) + [k for b in spec.per_method.values() for k in b] + list(space_raw):
+    for key in list(spec.fixed) + [k for b in spec.per_method.values() for k in b] + per_dataset_keys + \
+            list(space_raw):
         if key in RESERVED:
             raise _fail(path, str(key), "set by the sweep (use methods:)")
     for key in ("dataset", "backbone", "seed"):  # top-level keys; dataset and backbone may also be swept
+        if key in per_dataset_keys:
+            raise _fail(path, f"per_dataset: {key}", "not settable per data set")
         if key in spec.fixed or (key == "seed" and key in space_raw):
             raise _fail(path, f"fixed.{key}" if key in spec.fixed else f"space.{key}",
                         f"use the top-level key {key + 's' if key == 'seed' else key}:")
@@ -287,6 +319,9 @@ def _check_configs(spec: SweepSpec) -> None:
         fields = config_fields(get_method(m).Config)
         sections = [("fixed", spec.fixed), (f"per_method.{m}", spec.per_method.get(m, {})),
                     ("space", {k: None for k in spec.space})]
+        for d, block in spec.per_dataset.items():
+            sections += [(f"per_dataset.{d}", {k: v for k, v in block.items() if k not in spec.methods}),
+                         (f"per_dataset.{d}.{m}", block.get(m, {}))]
         for section, block in sections:
             for key in block:
                 if key not in fields:
@@ -295,6 +330,8 @@ def _check_configs(spec: SweepSpec) -> None:
         base = {k: _first(d, a) for k, (d, a) in spec.space.items()}
         try:
             resolve_config(m, spec.overrides(m, spec.seeds[0], base))
+            for dataset in spec.datasets():  # every data set's own settings resolve too
+                resolve_config(m, spec.overrides(m, spec.seeds[0], {**base, "dataset": dataset}))
         except ConfigError as e:
             raise _fail(spec.path, f"method {m}", str(e)) from None
         for key, (dist, args) in spec.space.items():
