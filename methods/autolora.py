@@ -13,8 +13,10 @@ branch's forward, with a single backward:
 - adversarial pass: everything but the LoRA factors.
 
 Loss: λ1·CE(nat) + (1-λ1)·CE(adv) + λ2·KL(p_LoRA(x) || p_main(x_adv)) (KL sum / batch size, target not
-detached, so the KL reaches both branches), λ1 = 1 - a, λ2 = λ2_max·a with a the LoRA branch's clean
-training accuracy. The learning rate follows :class:`AutoLRSchedule`.
+detached, so the KL reaches both branches), λ1 = 1 - a, λ2 = λ2_max·a with a the LoRA branch's accuracy on
+the (augmented, as the authors) training data, measured before epoch 1 and after each epoch's validation.
+The learning rate follows :class:`AutoLRSchedule`. The LoRA branch acts where ``lora_placement`` puts it
+(by default the convs of the last block of each ResNet stage, as the authors' code effectively does).
 
 The model's resting state is the main branch (adapters disabled): ``self.model`` is what the bench
 validates, evaluates, attacks and checkpoints; the LoRA branch is entered only inside this module.
