@@ -3,6 +3,10 @@
 Every backbone comes back as an :class:`ImageClassifier`: inputs in pixel space [0, 1] (normalisation is
 part of the model, so attacks and eps work in pixel space), ``features(x)`` gives pooled features and a
 fresh ``head`` maps them to the downstream classes.
+
+``input_resize`` (``BaseConfig.input_resize``) resizes every input (nearest) inside the model, before
+normalisation, as AutoLoRa's authors' model does (``F.interpolate(x, 224)``, then normalise): the data, the
+attack and eps stay on the stored image (32x32 for CIFAR) while the encoder sees the resized one.
 """
 from __future__ import annotations
 
@@ -28,13 +32,14 @@ def register_backbone(name: str):
 
 
 class ImageClassifier(nn.Module):
-    """normalise -> encoder (pooled features) -> head."""
+    """[nearest resize to input_resize ->] normalise -> encoder (pooled features) -> head."""
 
     def __init__(self, encoder: nn.Module, feat_dim: int, num_classes: int,
-                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), input_resize: int | None = None):
         super().__init__()
         self.encoder = encoder
         self.feat_dim = feat_dim
+        self.input_resize = input_resize
         self.head = nn.Linear(feat_dim, num_classes)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -42,6 +47,9 @@ class ImageClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # Under DeepSpeed bf16 the weights (and these buffers) are bf16 while data and attacks stay fp32.
         x = x.to(self.head.weight.dtype)
+        if self.input_resize is not None and tuple(x.shape[-2:]) != (self.input_resize, self.input_resize):
+            # nearest copies pixels: the gradient w.r.t. the stored image sums over each pixel's copies
+            x = torch.nn.functional.interpolate(x, size=self.input_resize, mode="nearest")
         return self.encoder((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +60,18 @@ def list_backbones() -> list[str]:
     return sorted(_BACKBONES) + ["<any timm model name>", "<path to a .pt/.pth/.safetensors checkpoint>"]
 
 
-def create_backbone(name: str, num_classes: int, *, pretrained: bool = False, image_size: int | None = None
-                    ) -> ImageClassifier:
-    """A registered name, a timm model name, or ``timm_name@/path/to/weights`` / a checkpoint path."""
+def create_backbone(name: str, num_classes: int, *, pretrained: bool = False, image_size: int | None = None,
+                    input_resize: int | None = None) -> ImageClassifier:
+    """A registered name, a timm model name, or ``timm_name@/path/to/weights`` / a checkpoint path.
+
+    ``image_size``: the size the loader yields; ``input_resize``: the model resizes its inputs to that size
+    (nearest) before normalisation, so the encoder (a ViT's position embeddings) is built for it."""
+    model = _create_backbone(name, num_classes, pretrained=pretrained, image_size=input_resize or image_size)
+    model.input_resize = input_resize
+    return model
+
+
+def _create_backbone(name: str, num_classes: int, *, pretrained: bool, image_size: int | None) -> ImageClassifier:
     if name in _BACKBONES:
         return _BACKBONES[name](num_classes=num_classes, pretrained=pretrained, image_size=image_size)
     import timm
@@ -151,7 +168,17 @@ def cifar_resnet18_aa(num_classes: int, pretrained: bool = True, image_size: int
     spec = importlib.util.spec_from_file_location("_aa_resnet", _pyautoattack_example("resnet.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    net = mod.ResNet18()
+
+    class AnySizeResNet(mod.ResNet):
+        """The shipped forward pools with a fixed 4x4 window (32-pixel inputs only); a window of the whole
+        map is the same operation at 32 pixels and lets ``input_resize`` feed the network larger images."""
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+            return self.linear(nn.functional.avg_pool2d(out, out.shape[-2:]).flatten(1))
+
+    net = AnySizeResNet(mod.BasicBlock, [2, 2, 2, 2])  # = mod.ResNet18() with that forward
     # The file holds CUDA tensors: map to CPU; weights_only keeps loading free of pickle code execution.
     state = torch.load(_pyautoattack_example("model_test.pt"), map_location="cpu", weights_only=True)
     net.load_state_dict(state)

@@ -46,8 +46,9 @@ def _build(variant: dict, batch: int, device: torch.device):
 
     torch.manual_seed(0)
     cfg = AutoLoRaConfig(batch_size=batch, channels_last=variant.get("channels_last", False),
-                         fused_optimizer=variant.get("fused_optimizer", False))
-    backbone = create_backbone(BACKBONE, num_classes=10)
+                         fused_optimizer=variant.get("fused_optimizer", False),
+                         input_resize=variant.get("input_resize"))
+    backbone = create_backbone(BACKBONE, num_classes=10, input_resize=cfg.input_resize)
     method = AutoLoRa(cfg, backbone.to(device), 10)
     opt = method.make_optimizer()
     # in place, as build_engine does for cfg.compile: the attack (through engine.module) is compiled too

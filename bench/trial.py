@@ -26,6 +26,7 @@ from bench.evaluate import clean_accuracy, pgd_accuracy, robust_metrics
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
 from data_shards.reader import load_split, make_loader
+from data_shards.transforms import output_size
 from methods import get_method
 from methods.attacks import eval_mode
 from methods.base import BaseConfig, Episode, TrainContext
@@ -160,7 +161,8 @@ class Trial:
         self.manifest = manifest
         num_classes = cfg.ways if self.method_cls.episodic else manifest["num_classes"]
         backbone = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained,
-                                   image_size=cfg.image_size)
+                                   image_size=output_size(cfg.transform, manifest, cfg.image_size)[0],
+                                   input_resize=cfg.input_resize)
         self.method = self.method_cls(cfg, backbone, num_classes)
         model = self.method.model.to(self.device)  # channels_last weights: build_engine decides
         optimizer = self.method.make_optimizer()
@@ -177,15 +179,18 @@ class Trial:
             base = cfg.base_classes or fewshot.get("base_classes") or list(range(self.manifest["num_classes"]))
             novel = cfg.novel_classes or fewshot.get("novel_classes") or base
             self.train_sampler = EpisodeSampler(self.ds_dir, "train", base, cfg.ways, cfg.shots, cfg.queries,
-                                                seed=cfg.seed, image_size=cfg.image_size)
+                                                seed=cfg.seed, image_size=cfg.image_size, transform=cfg.transform,
+                                                augment=cfg.augment)
             self.val_sampler = self._val_sampler(base)
             self.test_sampler = EpisodeSampler(self.ds_dir, "test", novel, cfg.ways, cfg.shots, cfg.queries,
-                                               seed=cfg.seed + 10_000, image_size=cfg.image_size)
+                                               seed=cfg.seed + 10_000, image_size=cfg.image_size,
+                                               transform=cfg.transform)
             self.steps_per_epoch = cfg.episodes_per_epoch
             return
         self.train_loader = make_loader(self.ds_dir, "train", per_rank, train=True, augment=cfg.augment,
                                         image_size=cfg.image_size, shuffle_buffer=cfg.shuffle_buffer,
-                                        max_samples=cap, num_workers=cfg.num_workers, seed=cfg.seed)
+                                        max_samples=cap, num_workers=cfg.num_workers, seed=cfg.seed,
+                                        transform=cfg.transform)
         self.steps_per_epoch = len(self.train_loader)
         if self.world_size > 1:
             # Ranks may hold unequal shares of the shards: all take the smallest step count, or the
@@ -195,7 +200,8 @@ class Trial:
             steps = torch.tensor([self.steps_per_epoch])
             dist.all_reduce(steps, op=dist.ReduceOp.MIN)
             self.steps_per_epoch = int(steps.item())
-        self.val = load_split(self.ds_dir, "val", max_samples=cfg.n_val, image_size=cfg.image_size)
+        self.val = load_split(self.ds_dir, "val", max_samples=cfg.n_val, image_size=cfg.image_size,
+                              transform=cfg.transform)
 
     def _val_sampler(self, classes):
         """Validation episodes come from the held-out part of the training data, never the test set."""
@@ -214,12 +220,12 @@ class Trial:
             return None
         queries = max(1, min(cfg.queries, min(counts[c] for c in usable) - cfg.shots))
         return EpisodeSampler(self.ds_dir, "val", usable, cfg.ways, cfg.shots, queries, seed=1234,
-                              image_size=cfg.image_size)
+                              image_size=cfg.image_size, transform=cfg.transform)
 
     def _train_batches(self):
         cfg = self.cfg
         loader = make_loader(self.ds_dir, "train", cfg.eval_batch_size, train=False, image_size=cfg.image_size,
-                             max_samples=cfg.max_train_samples)
+                             max_samples=cfg.max_train_samples, transform=cfg.transform)
         for x, y in loader:
             yield x.to(self.device), y.to(self.device)
 
@@ -415,7 +421,8 @@ class Trial:
             result["fewshot"] = evaluate_fewshot(self.method, self.test_sampler, cfg.episodes, cfg, attack=True,
                                                  device=self.device, progress=self.progress)
         else:
-            x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size)
+            x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size,
+                              transform=cfg.transform)
             result["metrics"] = robust_metrics(self.method.eval_model(), x, y, cfg, device=self.device,
                                                progress=self.progress and self.rank == 0)
         return result

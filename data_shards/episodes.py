@@ -14,6 +14,10 @@ q = min(10, floor(n_min / 2)) with n_min the smallest chosen class; support budg
 |S| = min(500, sum_c ceil(beta * min(100, n_c - q))), beta ~ U(0, 1]; shots per class
 k_c = min(floor(R_c / sum R * (|S| - ways)) + 1, n_c - q) with R_c = exp(U[log 0.5, log 2]).
 `ways`, `shots`, `queries` are ignored in that mode.
+
+Images go through `transform` (data_shards.transforms): its train transform with augment=True (training
+episodes), its eval transform otherwise (validation and test episodes). The augmentation of an image is a
+function of (seed, episode, position in the episode); the episode index carries the epoch.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import numpy as np
 import torch
 
 from .manifest import file_location, read_manifest
-from .reader import ShardError, _split_name, _target_size, decode_sample, open_location
+from .reader import ShardError, _seed_of, _split_name, decode_sample, open_location
+from .transforms import make_transform
 
 
 class _ShardIndex:
@@ -90,14 +95,15 @@ class _ShardIndex:
 
 class EpisodeSampler:
     def __init__(self, ds_dir, split, classes, ways, shots, queries, seed=0, image_size=None, variable=False,
-                 cache_max: int = 20000):
+                 cache_max: int = 20000, transform: str = "auto", augment: bool = False):
         self.ds = ds_dir if isinstance(ds_dir, str) else str(ds_dir)
         self.info = read_manifest(self.ds)
         if split not in self.info["splits"]:
             raise KeyError(f"data set {self.info.get('name')} has no split {split!r}")
         self.split, self.ways, self.shots, self.queries = split, int(ways), int(shots), int(queries)
         self.seed, self.variable = int(seed), variable
-        self.size = _target_size(self.info, image_size)
+        self.transform = make_transform(transform, self.info, image_size, train=augment)
+        self.size = self.transform.size
         s = self.info["splits"][split]
         if "labels" not in s:
             raise ValueError(f"manifest of {self.ds} has no per-shard label index; rebuild the shards")
@@ -115,15 +121,17 @@ class EpisodeSampler:
         self._index = _ShardIndex(self.ds, self.info, split)
         self._cache = {} if s["num_samples"] <= cache_max else None
 
-    def _get(self, ref, label):
-        if self._cache is not None and ref in self._cache:
-            return self._cache[ref]
-        loc, raw = self._index.read(*ref)
-        x, y = decode_sample(raw, loc, self.size)
+    def _get(self, ref, label, seed):
+        # the cache keeps transformed images when the transform is fixed, encoded ones when it is random
+        hit = self._cache.get(ref) if self._cache is not None else None
+        if hit is not None and not self.transform.random:
+            return hit
+        loc, raw = hit if hit is not None else self._index.read(*ref)
+        x, y = decode_sample(raw, loc, transform=self.transform, seed=seed)
         if y != label:
             raise ShardError(f"sample {raw['__key__']} in shard {loc} has label {y}, the manifest index says {label}")
         if self._cache is not None:
-            self._cache[ref] = x
+            self._cache[ref] = (loc, raw) if self.transform.random else x
         return x
 
     def _plan(self, rng):
@@ -149,8 +157,9 @@ class EpisodeSampler:
         for new, (c, k, q) in enumerate(self._plan(rng)):
             picks = rng.choice(len(self.pool[c]), k + q, replace=False)  # disjoint support and query
             refs = [self.pool[c][p] for p in picks]
-            sx += [self._get(r, c) for r in refs[:k]]
-            qx += [self._get(r, c) for r in refs[k:]]
+            seeds = [_seed_of((self.seed, int(i), len(sx) + len(qx) + n)) for n in range(k + q)]
+            sx += [self._get(r, c, sd) for r, sd in zip(refs[:k], seeds[:k])]
+            qx += [self._get(r, c, sd) for r, sd in zip(refs[k:], seeds[k:])]
             sy += [new] * k
             qy += [new] * q
         return (torch.stack(sx), torch.tensor(sy, dtype=torch.long), torch.stack(qx),

@@ -1,8 +1,9 @@
 """Streaming readers over webdataset shards.
 
 We decode only `png`/`jpg`/`cls`, by hand: webdataset's default decoders would unpickle `.pyd`/`.pickle`
-keys, so any other key is an error. Images become float32 CHW tensors in [0, 1]; normalisation belongs to
-the model so that attacks work in pixel space.
+keys, so any other key is an error. Images go through a named transform (data_shards.transforms: train
+or eval, chosen per loader) and become float32 CHW tensors in [0, 1]; normalisation belongs to the model so
+that attacks work in pixel space. Training streams shuffle encoded samples and decode after the shuffle.
 
 Locations (`ds_dir`): a local folder, an `http(s)://` base URL (manifest and shards fetched from
 `BASE/_info.json`, `BASE/{shard}`), or a template containing `{}` replaced by the file name, for example
@@ -24,11 +25,12 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .manifest import file_location, read_manifest
+from .transforms import fit as _fit
+from .transforms import make_transform, pil_to_uint8
 
 ALLOWED_KEYS = {"__key__", "png", "jpg", "jpeg", "cls"}
 
@@ -159,22 +161,12 @@ def iter_shard(loc: str, expected: Optional[int] = None, limit: Optional[int] = 
                          f"(truncated?); last sample key {last}")
 
 
-def _fit(im: Image.Image, size) -> Image.Image:
-    """Resize so that the image covers `size` (H, W), then center-crop: a plain resize when aspects agree."""
-    H, W = size
-    if (im.height, im.width) == (H, W):
-        return im
-    s = max(H / im.height, W / im.width)
-    nh, nw = max(H, round(im.height * s)), max(W, round(im.width * s))
-    im = im.resize((nw, nh), Image.BILINEAR)
-    top, left = (nh - H) // 2, (nw - W) // 2
-    return im.crop((left, top, left + W, top + H))
-
-
-def decode_sample(sample: dict, loc: str, size=None, as_uint8: bool = False):
+def decode_sample(sample: dict, loc: str, size=None, as_uint8: bool = False, transform=None, seed=None):
     """(float32 CHW tensor in [0,1], int label) from a raw sample; errors name the shard and the key.
 
-    as_uint8=True returns the uint8 CHW tensor instead (the streaming pipeline converts whole batches)."""
+    as_uint8=True returns the uint8 CHW tensor instead (the streaming pipeline converts whole batches).
+    `transform` (data_shards.transforms.ImageTransform) replaces fitting to `size`; a random one draws
+    from `seed`."""
     key = sample.get("__key__")
     bad = set(sample) - ALLOWED_KEYS
     if bad:
@@ -188,23 +180,18 @@ def decode_sample(sample: dict, loc: str, size=None, as_uint8: bool = False):
         im.load()
         if im.mode != "RGB":
             im = im.convert("RGB")
-        if size is not None:
-            im = _fit(im, size)
-        x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+        if transform is not None:
+            x = transform(im, seed)
+        else:
+            if size is not None:
+                im = _fit(im, size)
+            x = pil_to_uint8(im)
         if not as_uint8:
             x = x.float().div_(255.0)
         y = int(sample["cls"].decode("ascii"))
     except Exception as e:
         raise ShardError(f"cannot decode sample {key} in shard {loc}: {e}") from e
     return x, y
-
-
-def _target_size(info: dict, image_size):
-    if image_size is not None:
-        return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if info.get("image_size"):
-        return tuple(info["image_size"])
-    raise ValueError(f"data set {info.get('name')} has images of varying size: pass image_size")
 
 
 def _shard_plan(ds, info: dict, split: str, max_samples: Optional[int]):
@@ -226,14 +213,16 @@ def num_samples(ds_dir, split: str) -> int:
     return int(read_manifest(ds_dir)["splits"][split]["num_samples"])
 
 
-def load_split(ds_dir, split: str, max_samples: Optional[int] = None, image_size=None):
-    """The first N samples in shard order, eagerly: (X float [N,3,H,W], Y long [N])."""
+def load_split(ds_dir, split: str, max_samples: Optional[int] = None, image_size=None, transform: str = "auto"):
+    """The first N samples in shard order, eagerly, through the eval transform `transform`
+    (data_shards.transforms): (X float [N,3,H,W], Y long [N])."""
     info = read_manifest(ds_dir)
-    size = _target_size(info, image_size)
+    tf = make_transform(transform, info, image_size, train=False)
+    size = tf.size
     xs, ys = [], []
     for sh in _shard_plan(ds_dir, info, split, max_samples):
         for s in iter_shard(sh["url"], sh["expected"], sh["limit"]):
-            x, y = decode_sample(s, sh["url"], size)
+            x, y = decode_sample(s, sh["url"], transform=tf)
             xs.append(x)
             ys.append(y)
     if not xs:
@@ -241,22 +230,11 @@ def load_split(ds_dir, split: str, max_samples: Optional[int] = None, image_size
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
-def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding + horizontal flip (the CIFAR recipe); exact on uint8 or float."""
-    _, H, W = x.shape
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-    x = xp[:, i:i + H, j:j + W]
-    if torch.rand((), generator=g).item() < 0.5:
-        x = x.flip(-1)
-    return x.contiguous()
-
-
 class _Pipeline:
     """Per-epoch stages (plain generator functions) composed with webdataset's DataPipeline."""
 
-    def __init__(self, ds, plan, size, train, augment, shuffle_buffer, seed, epoch, resampled, chunk):
-        self.ds, self.plan, self.size, self.train, self.augment = ds, plan, size, train, augment
+    def __init__(self, ds, plan, transform, train, augment, shuffle_buffer, seed, epoch, resampled, chunk):
+        self.ds, self.plan, self.transform, self.train, self.augment = ds, plan, transform, train, augment
         self.shuffle_buffer, self.seed, self.epoch, self.resampled, self.chunk = (
             shuffle_buffer, seed, epoch, resampled, chunk)
 
@@ -271,17 +249,28 @@ class _Pipeline:
         if self.resampled:
             # infinite, with replacement, its own stream per node and worker; the loader cuts at epoch_len
             rng = random.Random(str(self._rng_key()))
+            draw = 0
             while True:
-                yield dict(rng.choice(plan))
+                # the draw names this visit of the shard in the samples' augmentation seeds
+                yield dict(rng.choice(plan), draw=(*self._rng_key()[2:], draw))
+                draw += 1
         if self.train:
             random.Random(f"{self.seed}-{self.epoch}").shuffle(plan)  # same order on every node/worker
         yield from plan
 
-    def decode(self, src):
+    def read(self, src):
         for sh in src:
             for s in iter_shard(sh["url"], sh["expected"], sh["limit"]):
-                # uint8 until the final batch: 4x less memory in the shuffle buffer and between processes
-                yield decode_sample(s, sh["url"], self.size, as_uint8=True)
+                yield sh["url"], sh.get("draw"), s
+
+    def decode(self, src):
+        """Decode and transform after the shuffle: the buffer holds encoded images, small whatever their size."""
+        tf = self.transform
+        for url, draw, s in src:
+            # augmentation is a function of (seed, epoch, sample), whatever the worker and node layout
+            seed = _seed_of((self.seed, self.epoch, s.get("__key__"), draw)) if tf.random else None
+            # uint8 until the final batch: 4x less memory between processes
+            yield decode_sample(s, url, transform=tf, seed=seed, as_uint8=True)
 
     def shuffle(self, src):
         rng = random.Random(str(self._rng_key()))
@@ -294,11 +283,6 @@ class _Pipeline:
                 yield buf.pop()
         rng.shuffle(buf)
         yield from buf
-
-    def augment_stage(self, src):
-        g = torch.Generator().manual_seed(_seed_of(self._rng_key()))
-        for x, y in src:
-            yield _augment(x, g), y
 
     def batch(self, src):
         xs, ys = [], []
@@ -317,26 +301,28 @@ class _Pipeline:
         stages = [self.shards]
         if self.train and not self.resampled:
             stages += [wds.split_by_node, wds.split_by_worker]
-        stages.append(self.decode)
+        stages.append(self.read)
         if self.train and self.shuffle_buffer > 1:
             stages.append(self.shuffle)
-        if self.augment:
-            stages.append(self.augment_stage)
-        stages.append(self.batch)
+        stages += [self.decode, self.batch]
         return wds.DataPipeline(*stages)
 
 
 class ShardLoader:
-    """Re-iterable: each `iter()` is one epoch of (x float32 [B,3,H,W], y int64 [B]); len() = batches."""
+    """Re-iterable: each `iter()` is one epoch of (x float32 [B,3,H,W], y int64 [B]); len() = batches.
+
+    Images go through `transform` (data_shards.transforms): its train transform with augment=True, its
+    eval transform otherwise."""
 
     def __init__(self, ds_dir, split, batch_size, *, train=False, augment=False, image_size=None,
                  shuffle_buffer=2000, max_samples=None, num_workers=0, seed=0, resampled=False,
-                 epoch_len=None, drop_last=False):
+                 epoch_len=None, drop_last=False, transform="auto"):
         self.ds = ds_dir if _remote(ds_dir) else str(Path(ds_dir))
         self.info = read_manifest(self.ds)
         self.split, self.batch_size = split, int(batch_size)
         self.train, self.augment = train, augment
-        self.size = _target_size(self.info, image_size)
+        self.transform = make_transform(transform, self.info, image_size, train=augment)
+        self.size = self.transform.size
         self.shuffle_buffer, self.num_workers, self.seed = shuffle_buffer, num_workers, seed
         self.resampled, self.drop_last = resampled, drop_last
         self.plan = _shard_plan(self.ds, self.info, split, max_samples)
@@ -368,7 +354,7 @@ class ShardLoader:
         return iter(pipe)
 
     def __iter__(self):
-        pipe = _Pipeline(self.ds, self.plan, self.size, self.train, self.augment, self.shuffle_buffer,
+        pipe = _Pipeline(self.ds, self.plan, self.transform, self.train, self.augment, self.shuffle_buffer,
                          self.seed, self.epoch, self.resampled, chunk=self.batch_size).build()
         self.epoch += 1  # a different shuffle next epoch, reproducible from (seed, epoch)
         left = self.samples_per_epoch
@@ -395,8 +381,10 @@ class ShardLoader:
 
 
 def make_loader(ds_dir, split, batch_size, *, train=False, augment=False, image_size=None, shuffle_buffer=2000,
-                max_samples=None, num_workers=0, seed=0, resampled=False, epoch_len=None, drop_last=False):
+                max_samples=None, num_workers=0, seed=0, resampled=False, epoch_len=None, drop_last=False,
+                transform="auto"):
     """See ShardLoader; train=False reads in deterministic shard order (so 'first n' is well defined)."""
     return ShardLoader(ds_dir, split, batch_size, train=train, augment=augment, image_size=image_size,
                        shuffle_buffer=shuffle_buffer, max_samples=max_samples, num_workers=num_workers,
-                       seed=seed, resampled=resampled, epoch_len=epoch_len, drop_last=drop_last)
+                       seed=seed, resampled=resampled, epoch_len=epoch_len, drop_last=drop_last,
+                       transform=transform)

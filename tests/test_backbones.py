@@ -45,3 +45,44 @@ def test_vit_local_weights_at_128_interpolate_position_embeddings(tmp_path):
     assert model.encoder.pos_embed.shape[1] == 1 + (128 // 16) ** 2
     assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     assert model(torch.rand(2, 3, 128, 128)).shape == (2, 5)
+
+
+# --- input_resize: the model resizes (nearest) before normalisation; data and attack stay at 32x32 --------
+def _encoder_input_sizes(model, x):
+    seen = []
+    hook = model.encoder.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        hook.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("input_resize,encoder_sees", [(None, (32, 32)), (32, (32, 32)), (64, (64, 64))])
+def test_input_resize_what_the_encoder_sees(input_resize, encoder_sees):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    model = create_backbone("cifar_resnet18_aa", num_classes=3, input_resize=input_resize).eval()
+    seen, out = _encoder_input_sizes(model, x)
+    assert seen == [encoder_sees] and out.shape == (2, 3) and model.input_resize == input_resize
+    plain = create_backbone("cifar_resnet18_aa", num_classes=3).eval()
+    plain.head.load_state_dict(model.head.state_dict())
+    with torch.no_grad():
+        same = torch.equal(plain(x), out)
+        # the resize is nearest, before normalisation: feeding the upsampled image by hand is the same
+        by_hand = plain(torch.nn.functional.interpolate(x, size=encoder_sees, mode="nearest"))
+    assert same == (encoder_sees == (32, 32)) and torch.allclose(by_hand, out, atol=1e-5)
+
+
+def test_input_resize_attack_stays_on_the_stored_image():
+    from methods.attacks import eval_mode, pgd_linf
+
+    torch.manual_seed(0)
+    model = create_backbone("tiny_cnn", num_classes=4, input_resize=64)
+    x, y, eps = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2]), 4 / 255
+    with eval_mode(model):
+        seen, _ = _encoder_input_sizes(model, x)
+        x_adv = pgd_linf(model, x, y, eps=eps, step_size=1 / 255, steps=3)
+    assert seen == [(64, 64)]
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= eps + 1e-7 and not torch.equal(x_adv, x)
