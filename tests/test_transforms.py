@@ -140,7 +140,7 @@ def test_imagenet224_eval_is_resize_256_center_crop_224():
 
 
 @pytest.mark.parametrize("name,image_size,hw", [("cifar", None, (16, 16)), ("amt128", 20, (20, 20)),
-                                                ("imagenet224", None, (224, 224))])
+                                                ("imagenet224", 32, (32, 32))])
 def test_episodes_train_augmented_eval_fixed(small, name, image_size, hw):
     def sampler(augment, seed=0):
         return EpisodeSampler(small, "train", range(NC), ways=3, shots=2, queries=3, seed=seed, augment=augment,
