@@ -18,8 +18,9 @@ def _make(args) -> int:
     if args.name not in CONVERTERS:
         return _fail(f"unknown data set {args.name!r}; known: {', '.join(sorted(CONVERTERS))}")
     try:
+        options = {"split": args.split} if args.split else {}
         out = convert(args.name, root=args.root, out_root=out_root, size=args.size, workers=args.workers,
-                      image_format=args.format, maxcount=args.maxcount)
+                      image_format=args.format, maxcount=args.maxcount, options=options)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else repr(e))
     print(out)
@@ -61,6 +62,8 @@ def add_parser(subparsers) -> None:
     m.add_argument("--workers", type=int, default=2, help="parallel encoding processes")
     m.add_argument("--format", choices=["png", "jpg"], default=None, help="image format (default: per data set)")
     m.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    m.add_argument("--split", default=None, help="caltech256: random (default; 150/class, seed 0, clutter "
+                   "excluded) or authors (AutoLoRa's: first 150 per class in file order, 257 classes)")
     m.set_defaults(func=_make)
     c = sp.add_parser("check", help="verify checksums, counts and labels of a shard folder")
     c.add_argument("dir")

@@ -10,10 +10,18 @@ Each converter lists (image reference, label) pairs per split; `build` encodes t
   written last; its presence means the data set is complete.
 - Publisher formats: CIFAR's python batches are pickles (the publisher's format, read here with
   `pickle`); our shards hold only png/jpg/cls.
-- Caltech-256: the clutter class `257.clutter` is excluded (it is background, not an object category; the
-  usual protocol classifies the 256 object classes). Per class, a seeded (seed 0) permutation gives
-  min(150, n - ceil(0.2 n)) training images and the rest test: 150/class as in the usual protocol, while
-  the few classes with fewer than ~190 images still keep 20% for testing.
+- Options: a converter may take named options (`Converter.options`, `bench shards make NAME --split ...`);
+  the manifest's `source` records them, and a folder built with other options is refused, not reused.
+- Caltech-256, `--split random` (default): the clutter class `257.clutter` is excluded (it is background, not
+  an object category; the usual protocol classifies the 256 object classes). Per class, a seeded (seed 0)
+  permutation gives min(150, n - ceil(0.2 n)) training images and the rest test: 150/class as in the usual
+  protocol, while the few classes with fewer than ~190 images still keep 20% for testing.
+- Caltech-256, `--split authors`: AutoLoRa's split (their transfer_datasets.py): all 257 folders (clutter
+  included) listed in sorted order, each folder's .jpg files in file order, as one flat list; train is, for
+  each class's first position s, the positions s .. s+149 of that flat list. A class with fewer than 150
+  images therefore spills into the next class(es): their first images enter train again (under their own
+  label), so train holds 257 x 150 entries with repeats, as the authors' Subset samples them. Test is every
+  other image. The validation images (5% of train) leave train with all their copies.
 """
 from __future__ import annotations
 
@@ -52,15 +60,16 @@ class Source:
 class Converter:
     name: str
     describe: str
-    read: Optional[Callable]  # root -> Source
+    read: Optional[Callable]  # (root, **options) -> Source
+    options: dict = field(default_factory=dict)  # option -> (choices, default)
 
 
 CONVERTERS: dict = {}
 
 
-def register(name: str, describe: str):
+def register(name: str, describe: str, options: Optional[dict] = None):
     def deco(fn):
-        CONVERTERS[name] = Converter(name, describe, fn)
+        CONVERTERS[name] = Converter(name, describe, fn, dict(options or {}))
         return fn
     return deco
 
@@ -186,13 +195,20 @@ def read_cub200(root: Path) -> Source:
     return Source(classes, splits)
 
 
-@register("caltech256", "Caltech-256: 256_ObjectCategories, 150/class train (seed 0), clutter excluded")
-def read_caltech256(root: Path) -> Source:
+CALTECH_TRAIN_PER_CLASS = 150
+
+
+@register("caltech256", "Caltech-256: 256_ObjectCategories; --split random: 150/class train (seed 0), clutter "
+          "excluded (default); --split authors: AutoLoRa's first 150 per class in file order, 257 classes",
+          options={"split": (("random", "authors"), "random")})
+def read_caltech256(root: Path, split: str = "random") -> Source:
     d = root / "256_ObjectCategories" if (root / "256_ObjectCategories").is_dir() else root
     folders = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.endswith("clutter"))
     if not folders:
         where = d if d.name == "256_ObjectCategories" else d / "256_ObjectCategories"
         raise FileNotFoundError(f"caltech256: expected class folders like {where}/001.ak47")
+    if split == "authors":
+        return _caltech256_authors(d)
     rng = np.random.RandomState(SEED)
     splits = {"train": [], "test": []}
     for c, f in enumerate(folders):
@@ -202,7 +218,25 @@ def read_caltech256(root: Path) -> Source:
         splits["train"] += [(str(files[j]), c) for j in perm[:ntr]]
         splits["test"] += [(str(files[j]), c) for j in sorted(perm[ntr:])]
     classes = [f.name.split(".", 1)[1] if "." in f.name else f.name for f in folders]
-    return Source(classes, splits, meta={"clutter": "excluded", "train_per_class": 150})
+    return Source(classes, splits, meta={"split": "random", "clutter": "excluded", "train_per_class": 150})
+
+
+def _caltech256_authors(d: Path) -> Source:
+    """AutoLoRa's Caltech-256 split (see the module's docstring), index for index."""
+    folders = sorted(p for p in d.iterdir() if p.is_dir())  # clutter included: 257 classes
+    flat = [(str(f), c) for c, folder in enumerate(folders)
+            for f in sorted(p for p in folder.iterdir() if p.is_file() and ".jpg" in p.name)]
+    y = [c for _, c in flat]
+    starts = [0] + [i for i in range(1, len(flat)) if y[i] == y[i - 1] + 1]
+    train_idx = [i for s in starts for i in range(s, s + CALTECH_TRAIN_PER_CLASS)]
+    if train_idx and train_idx[-1] >= len(flat):
+        raise ValueError(f"caltech256 --split authors: the last class ({folders[-1].name}) has fewer than "
+                         f"{CALTECH_TRAIN_PER_CLASS} images, so the authors' split reads past the end")
+    test_idx = sorted(set(range(1, len(flat))) - set(train_idx))  # the authors' range starts at 1: 0 is train
+    classes = [f.name.split(".", 1)[1] if "." in f.name else f.name for f in folders]
+    meta = {"split": "authors", "clutter": "included", "train_per_class": CALTECH_TRAIN_PER_CLASS,
+            "train_entries": len(train_idx), "train_unique": len(set(train_idx))}
+    return Source(classes, {"train": [flat[i] for i in train_idx], "test": [flat[i] for i in test_idx]}, meta=meta)
 
 
 @register("folder", "any class-per-folder tree, with train/[val/]test folders or without (20% test, seed 0)")
@@ -291,6 +325,15 @@ def _with_val(source: Source):
     if "val" not in splits:
         nval = max(1, round(VAL_FRACTION * len(train))) if len(train) > 1 else 0
         splits["val"], train = train[:nval], train[nval:]
+        if any(isinstance(ref, str) for ref, _ in splits["val"]):
+            # a source may list an image twice (Caltech-256's authors' split): one copy in val, none in train
+            val, held = [], set()
+            for ref, label in splits["val"]:
+                if ref not in held:
+                    val.append((ref, label))
+                    held.add(ref)
+            splits["val"] = val
+            train = [(ref, label) for ref, label in train if ref not in held]
         validation = {"from": "train", "fraction": VAL_FRACTION, "seed": SEED}
     splits["train"] = train
     return splits, validation
@@ -361,13 +404,22 @@ def build(name: str, source: Source, out_dir: Path, size=None, workers: int = 2,
 
 
 def convert(name: str, root=None, out_root=None, size=None, workers: int = 2, image_format=None,
-            maxcount: int = 1000, progress: bool = True) -> Path:
-    """Build shards for converter `name` into `out_root/name` (skipped when its manifest exists)."""
+            maxcount: int = 1000, progress: bool = True, options: Optional[dict] = None) -> Path:
+    """Build shards for converter `name` into `out_root/name` (skipped when its manifest exists and was built
+    with the same `options`, the converter's named choices such as caltech256's split)."""
     from .paths import default_root
 
     if name not in CONVERTERS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted(CONVERTERS))}")
     out_root = Path(out_root) if out_root is not None else default_root()
+    conv = CONVERTERS[name]
+    options = dict(options or {})
+    for key, value in options.items():
+        if key not in conv.options:
+            raise ValueError(f"{name}: no option {key!r}; its options: {', '.join(conv.options) or 'none'}")
+        if value not in conv.options[key][0]:
+            raise ValueError(f"{name}: {key}={value!r}; valid: {', '.join(conv.options[key][0])}")
+    options = {key: options.get(key, default) for key, (_, default) in conv.options.items()}
     if name == "digits":
         from .digits import make_digits
 
@@ -376,7 +428,13 @@ def convert(name: str, root=None, out_root=None, size=None, workers: int = 2, im
         raise ValueError(f"{name}: pass --root, the folder holding the data set as its publisher ships it")
     out = out_root / name
     if (out / MANIFEST).is_file():
+        built = json.loads((out / MANIFEST).read_text()).get("source", {})
+        for key, value in options.items():
+            was = built.get(key, conv.options[key][1])  # a manifest from before the option: its default
+            if was != value:
+                raise ValueError(f"{out} holds {name} built with {key}={was!r}, not {value!r}: "
+                                 f"remove it or pass another --out")
         return out
-    source = CONVERTERS[name].read(Path(root).expanduser())
+    source = conv.read(Path(root).expanduser(), **options)
     return build(name, source, out, size=size, workers=workers, image_format=image_format, maxcount=maxcount,
                  progress=progress)

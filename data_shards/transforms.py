@@ -66,7 +66,7 @@ def output_size(name: str, info: dict, image_size=None) -> tuple[int, int]:
         return _as_hw(image_size) if image_size is not None else _as_hw(_RECIPE_SIZES[name][0])
     if image_size is not None:
         return _as_hw(image_size)
-    if info.get("image_size") and not info.get("variable_size"):
+    if info.get("image_size"):  # a varying-size set converted with --size S records [S, S]: fitted to that
         return tuple(info["image_size"])
     raise ValueError(f"data set {info.get('name')} has images of varying size: pass image_size "
                      f"(transform {name} keeps the stored size)")

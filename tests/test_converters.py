@@ -84,8 +84,10 @@ def test_dtd(tmp_path):
     assert info["classes"] == ["banded", "dotted", "zigzagged"] and _counts(d) == {"train": 11, "val": 1, "test": 6}
     assert info["variable_size"] and info["image_size"] == [16, 16] and info["image_format"] == "jpg"
     assert sorted(_labels(d, "test")) == [0, 0, 1, 1, 2, 2]
-    X, _ = load_split(d, "train")  # shorter side 16, fitted to 16x16
+    X, _ = load_split(d, "train", transform="none")  # shorter side 16, fitted to 16x16
     assert X.shape == (11, 3, 16, 16)
+    X, _ = load_split(d, "train")  # auto: a set of varying sizes gets imagenet224, Resize(256) + CenterCrop(224)
+    assert X.shape == (11, 3, 224, 224)
 
 
 def test_dogs(tmp_path):
@@ -137,8 +139,62 @@ def test_caltech256_clutter_excluded(tmp_path, monkeypatch):
     d = convert("caltech256", root=tmp_path, out_root=tmp_path / "out", workers=0, progress=False)
     info = read_manifest(d)
     assert info["classes"] == ["ak47", "american-flag"] and info["source"]["clutter"] == "excluded"
+    assert info["source"]["split"] == "random"
     # per class: min(150, n - ceil(0.2 n)) train -> 9 and 4; test 3 and 2; 5% of 13 train -> 1 val
     assert _counts(d) == {"train": 12, "val": 1, "test": 5}
+
+
+def _caltech_tree(root, counts):
+    """Caltech-256's layout and file names (CCC_NNNN.jpg, numbered from 1), plus a file that is no image."""
+    for c, (name, n) in enumerate(counts):
+        for k in range(1, n + 1):
+            _jpg(root / "256_ObjectCategories" / name / f"{c + 1:03d}_{k:04d}.jpg", hw=(10, 12))
+    (root / "256_ObjectCategories" / counts[0][0] / "notes.txt").write_text("not an image")
+
+
+CALTECH = [("001.ak47", 6), ("002.american-flag", 2), ("003.backpack", 3), ("257.clutter", 5)]
+
+
+def test_caltech256_authors_split_spills_into_the_next_class(tmp_path, monkeypatch):
+    monkeypatch.setattr(converters, "CALTECH_TRAIN_PER_CLASS", 4)  # the authors' 150 on a 16-image tree
+    _caltech_tree(tmp_path, CALTECH)
+    src = converters.read_caltech256(tmp_path, split="authors")
+    assert src.classes == ["ak47", "american-flag", "backpack", "clutter"]  # clutter is a class
+    files = [(f"{c + 1:03d}_{k:04d}.jpg", c) for c, (_, n) in enumerate(CALTECH) for k in range(1, n + 1)]
+    # flat positions: ak47 0-5, flag 6-7, backpack 8-10, clutter 11-15; train = s..s+3 for s in 0, 6, 8, 11
+    want_train = [0, 1, 2, 3, 6, 7, 8, 9, 8, 9, 10, 11, 11, 12, 13, 14]
+    assert [(Path(r).name, l) for r, l in src.splits["train"]] == [files[i] for i in want_train]
+    assert [(Path(r).name, l) for r, l in src.splits["test"]] == [files[i] for i in (4, 5, 15)]
+    assert src.meta == {"split": "authors", "clutter": "included", "train_per_class": 4, "train_entries": 16,
+                        "train_unique": 13}
+    d = convert("caltech256", root=tmp_path, out_root=tmp_path / "out", workers=0, progress=False,
+                options={"split": "authors"})
+    info = read_manifest(d)
+    assert info["num_classes"] == 4 and info["source"]["split"] == "authors"
+    counts = _counts(d)
+    assert counts["val"] == 1 and counts["test"] == 3 and counts["train"] in (14, 15)  # 16 - val and its copies
+    train, val = load_split(d, "train")[0], load_split(d, "val")[0]
+    assert not any(torch.equal(val[0], x) for x in train)  # no copy of a validation image is trained on
+    assert len({x.numpy().tobytes() for x in train}) + 1 == 13  # every other image is trained on
+    # a folder built with the other split is refused, not silently reused
+    with pytest.raises(ValueError, match="built with split='authors', not 'random'"):
+        convert("caltech256", root=tmp_path, out_root=tmp_path / "out", workers=0, progress=False)
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("caltech256", {"split": "bogus"}, r"^caltech256: split='bogus'; valid: random, authors$"),
+    ("cub200", {"split": "authors"}, r"^cub200: no option 'split'; its options: none$"),
+])
+def test_converter_options_checked_first(tmp_path, name, options, match):
+    with pytest.raises(ValueError, match=match):
+        convert(name, root=tmp_path / "nowhere", out_root=tmp_path / "out", options=options)
+
+
+def test_caltech256_authors_split_reading_past_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(converters, "CALTECH_TRAIN_PER_CLASS", 6)  # clutter (5 images) cannot give 6
+    _caltech_tree(tmp_path, CALTECH)
+    with pytest.raises(ValueError, match="last class .257.clutter. has fewer than 6 images"):
+        converters.read_caltech256(tmp_path, split="authors")
 
 
 def _folder_tree(root, splits=("train", "test")):
