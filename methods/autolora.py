@@ -35,7 +35,7 @@ from torch import nn
 
 from methods import lora as L
 from methods.attacks import eval_mode, pgd_linf
-from methods.base import BaseConfig, EpochDecision, Method, TrainContext
+from methods.base import BaseConfig, EpochDecision, Method, TrainContext, selection_key
 from methods.registry import register_method
 
 TARGET_ALIASES = {"resnet": L.RESNET_TARGETS, "vit": L.VIT_TARGETS}
@@ -88,6 +88,7 @@ class AutoLRSchedule:
         self.values: list[float] = []  # validation robust accuracy per epoch (epoch i+1 at index i)
         self.best: float | None = None
         self.best_epoch: int | None = None
+        self.best_key: list[float] | None = None  # [value, tiebreak] of the selected epoch
         # state recorded at the previous checkpoint (the start counts as checkpoint 0)
         self.prev_lr_in = lr0  # η in force when that checkpoint was decided (before any halving)
         self.prev_lr_out = lr0  # η after its decision
@@ -102,12 +103,16 @@ class AutoLRSchedule:
     def is_checkpoint(self, epoch: int) -> bool:
         return epoch - 1 > 0 and (epoch - 1) % self.every == 0
 
-    def step(self, value: float) -> EpochDecision:
+    def step(self, value: float, tiebreak: float = 0.0) -> EpochDecision:
+        """``tiebreak`` (validation clean accuracy) decides between epochs of equal ``value``; a full tie goes
+        to the later epoch. The reference keeps the first strict maximum (a named deviation, docs/autolora.md);
+        the η rules below see only ``value``, as the reference's."""
         self.values.append(float(value))
         epoch = self.epoch
-        is_best = self.best is None or value > self.best
+        key = [float(value), float(tiebreak)]  # a list: the state survives a JSON round trip unchanged
+        is_best = self.best_key is None or key >= self.best_key
         if is_best:
-            self.best, self.best_epoch = float(value), epoch
+            self.best, self.best_epoch, self.best_key = float(value), epoch, key
         reload = False
         if self.is_checkpoint(epoch):
             window = self.values[-(self.every + 1):]
@@ -132,7 +137,7 @@ class AutoLRSchedule:
         return EpochDecision(is_best=is_best, reload_best=reload, stop=self.lr < self.lr_min)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("lr", "values", "best", "best_epoch", "prev_lr_in", "prev_lr_out",
+        return {k: getattr(self, k) for k in ("lr", "values", "best", "best_epoch", "best_key", "prev_lr_in", "prev_lr_out",
                                               "prev_best", "n_checkpoints", "events")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -391,7 +396,8 @@ class AutoLoRa(Method):
         if score is None:
             raise KeyError(f"validation results lack {self.cfg.select_metric!r} (got {sorted(val)})")
         lr_used = self.current_lr() if self.optimizer is not None else self.schedule.lr
-        decision = self.schedule.step(score)
+        key = selection_key(val, self.cfg.select_metric)
+        decision = self.schedule.step(score, tiebreak=key[1])
         if decision.is_best:
             self.best_val = float(score)
         if self.optimizer is not None:

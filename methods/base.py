@@ -173,6 +173,7 @@ class Method:
         self.num_classes = num_classes
         self.optimizer: torch.optim.Optimizer | None = None
         self.best_val: float | None = None
+        self.best_key: tuple[float, float] | None = None  # selection_key of the selected epoch
         self.history: list[dict[str, Any]] = []
 
     # --- optimisation -------------------------------------------------------------------------------
@@ -201,12 +202,13 @@ class Method:
         raise NotImplementedError
 
     def end_epoch(self, epoch: int, val: dict[str, float]) -> EpochDecision:
-        """Default selection: keep the epoch with the best ``cfg.select_metric`` on validation data."""
-        score = val.get(self.cfg.select_metric)
+        """Default selection: keep the epoch with the best ``cfg.select_metric`` on validation data; ties go
+        to the better validation clean accuracy, then to the later epoch (see :func:`selection_key`)."""
+        key = selection_key(val, self.cfg.select_metric)
         self.history.append({"epoch": epoch, "lr": self.current_lr(), **val})
-        is_best = score is not None and (self.best_val is None or score > self.best_val)
+        is_best = key is not None and (self.best_key is None or key >= self.best_key)
         if is_best:
-            self.best_val = score
+            self.best_val, self.best_key = key[0], key
         return EpochDecision(is_best=is_best)
 
     @property
@@ -226,15 +228,36 @@ class Method:
     # --- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Method state beyond the model's weights (schedules, trajectories); plain data only."""
-        return {"best_val": self.best_val, "history": self.history}
+        return {"best_val": self.best_val, "best_key": self.best_key, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_val = state.get("best_val")
+        key = state.get("best_key")
+        self.best_key = tuple(key) if key is not None else None
         self.history = list(state.get("history", []))
 
     def summary(self) -> dict[str, Any]:
         """What result.json records about the method's run (trajectories, selected epoch)."""
         return {"history": self.history}
+
+
+# Validation clean accuracy of either kind of method: breaks ties in the selection metric.
+CLEAN_VAL_METRICS = ("val_clean_acc", "val_fewshot_acc")
+
+
+def selection_key(val: dict[str, float], metric: str) -> tuple[float, float] | None:
+    """What checkpoint selection maximises: (the selection metric, validation clean accuracy).
+
+    Compared with ``>=`` against the best so far, so a tie in both goes to the later epoch. Why: with a small
+    validation set or a strong attack the robust accuracy is often tied (0 at every epoch early in training);
+    the strict maximum then kept the untrained epoch 0 although clean accuracy kept rising. None when the
+    metric was not measured.
+    """
+    score = val.get(metric)
+    if score is None:
+        return None
+    clean = next((val[k] for k in CLEAN_VAL_METRICS if val.get(k) is not None), 0.0)
+    return float(score), float(clean)
 
 
 def freeze(module: nn.Module) -> None:
