@@ -3,8 +3,12 @@
 ``python -m bench leaderboard RESULTS_DIR [--out DIR] [--wandb] [--wandb-report]``
 
 Rows follow RobustBench's entry fields. Several seeds of one configuration (same method, dataset, backbone and
-resolved config apart from the seed) make one row with mean ± sample std (ddof=1) and n. Each row is compared
-with the baseline on the same data set (``rft`` for supervised rows, ``pmf`` for few-shot rows) by Welch's
+resolved config apart from the seed) make one row with mean ± sample std (ddof=1) and n.
+
+Like with like: rows are ranked only within a comparison group -- the same data set (for cross-domain few-shot
+results, the target data set), the same task (supervised, or few-shot ways and shots) and the same threat model
+and eps. Each group gets its own table (md, html, console) and its own Pareto panel. Within a group each row
+is compared with the group's baseline (``rft`` for supervised groups, ``pmf`` for few-shot groups) by Welch's
 t-test on the per-seed robust accuracies; "better" means p < 0.05 and a higher mean, and the test is only run
 when both sides have n >= 2.
 
@@ -37,6 +41,7 @@ _NON_CONFIG_KEYS = {"seed", "out", "out_dir", "output_dir", "results_dir", "run_
 # (key, header, kind) -- kind: "acc" (mean±std fraction), "num", "str"
 COLUMNS = [
     ("rank", "rank", "num"),
+    ("group", "group", "str"),
     ("dataset", "dataset", "str"),
     ("method", "method", "str"),
     ("backbone", "backbone", "str"),
@@ -159,6 +164,35 @@ def load_results(results_dir: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     return records, problems
 
 
+def expand_targets(records: list[dict]) -> list[dict]:
+    """One record per (trial, target data set) for cross-domain few-shot results.
+
+    ``fewshot_targets`` in result.json holds one few-shot block per target data set, as a mapping
+    ``{target: block}`` or a list of blocks naming theirs (``dataset`` or ``target``). Each becomes a record whose
+    data set is the target (what its accuracy was measured on) and whose ``fewshot`` is that block; the
+    source data set is kept as ``source_dataset``. The trial's own row stays as it is.
+    """
+    out: list[dict] = []
+    for rec in records:
+        out.append(rec)
+        targets = rec.get("fewshot_targets")
+        if isinstance(targets, dict):
+            items = [(str(k), v) for k, v in targets.items()]
+        elif isinstance(targets, list):
+            items = [(str(b.get("dataset") or b.get("target") or ""), b) for b in targets if isinstance(b, dict)]
+        else:
+            continue
+        for target, block in items:
+            if not target or not isinstance(block, dict) or _num(block.get("clean_acc")) is None:
+                continue
+            if target == rec["dataset"] and isinstance(rec.get("fewshot"), dict):
+                continue  # the in-domain block is the trial's own row already
+            target_rec = {k: v for k, v in rec.items() if k not in ("metrics", "fewshot", "fewshot_targets")}
+            target_rec.update(dataset=target, source_dataset=rec["dataset"], fewshot=block)
+            out.append(target_rec)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- rows
 def _kind(rec: dict) -> str:
     return "fewshot" if _num(_get(rec, "fewshot", "adv_acc")) is not None or (
@@ -199,18 +233,55 @@ def _robust_values(recs: list[dict], kind: str) -> tuple[list, str]:
     return [None] * len(recs), ""
 
 
+def _task(rec: dict, kind: str) -> str:
+    """"supervised", or the few-shot setting ("5-way 1-shot")."""
+    if kind != "fewshot":
+        return "supervised"
+    ways, shots = _get(rec, "fewshot", "ways"), _get(rec, "fewshot", "shots")
+    cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    ways = ways if ways is not None else cfg.get("ways")
+    shots = shots if shots is not None else cfg.get("shots")
+    return f"{ways if ways is not None else '?'}-way {shots if shots is not None else '?'}-shot"
+
+
+def _eps(rec: dict) -> float | None:
+    for block in ("metrics", "fewshot", "config"):
+        v = _num(_get(rec, block, "eps"))
+        if v is not None:
+            return v
+    return None
+
+
+def _threat(rec: dict) -> str:
+    """The threat model of the robust numbers: norm and eps (every attack in the suite is L-inf)."""
+    eps = _eps(rec)
+    norm = str(_get(rec, "config", "norm") or "Linf")
+    return f"{norm} eps {_fmt_eps(eps) if eps is not None else '?'}"
+
+
+def comparison_group(rec: dict) -> tuple[str, str, str]:
+    """(data set, task, threat model): rows are ranked and compared only within one such group."""
+    return rec["dataset"], _task(rec, _kind(rec)), _threat(rec)
+
+
+def group_label(group: tuple[str, str, str]) -> str:
+    return " · ".join(group)
+
+
 def group_records(records: list[dict]) -> list[dict]:
     """Aggregate records into rows (one per configuration across seeds), without rank/significance."""
     groups: dict[tuple, list[dict]] = OrderedDict()
-    for rec in records:
+    for rec in expand_targets(records):
         cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
-        key = (rec["dataset"], rec["method"], str(rec.get("backbone") or ""), _kind(rec),
-               config_hash_without_seed(cfg))
+        key = (comparison_group(rec), rec["method"], str(rec.get("backbone") or ""), _kind(rec),
+               config_hash_without_seed(cfg), str(rec.get("source_dataset") or ""))
         groups.setdefault(key, []).append(rec)
     rows = []
-    for (dataset, method, backbone, kind, ghash), recs in groups.items():
+    for (group, method, backbone, kind, ghash, source), recs in groups.items():
+        dataset, task, threat = group
         row: dict[str, Any] = {"dataset": dataset, "method": method, "backbone": backbone, "kind": kind,
-                               "group_hash": ghash}
+                               "group_hash": ghash, "task": task, "threat": threat, "group": group_label(group),
+                               "_group": group, "source_dataset": source or None}
         for name in ("clean_acc", "pgd_acc", "autoattack_acc"):
             m, s, _ = _stats([_get(r, "metrics", name) for r in recs])
             row[name], row[name + "_std"] = m, s
@@ -268,18 +339,19 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def finish_rows(rows: list[dict]) -> list[dict]:
-    """Rank within each data set, significance vs baseline, Pareto membership; sorted by dataset, rank."""
-    by_ds: dict[str, list[dict]] = defaultdict(list)
+    """Rank within each comparison group, significance vs the group's baseline, Pareto membership within the
+    group; sorted by group (data set, task, threat), then rank."""
+    by_group: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        by_ds[r["dataset"]].append(r)
+        by_group[r["_group"]].append(r)
     out = []
-    for ds in sorted(by_ds):
-        rs = by_ds[ds]
+    for group in sorted(by_group):
+        rs = by_group[group]
         rs.sort(key=lambda r: (-(r["robust_acc"] if r["robust_acc"] is not None else -1.0),
                                -(r["clean_acc"] if r["clean_acc"] is not None else -1.0), r["method"]))
         for i, r in enumerate(rs, 1):
             r["rank"] = i
-        # baseline per kind: the baseline method's best-ranked row on this data set
+        # baseline per kind: the baseline method's best-ranked row in this group
         for r in rs:
             base_name = BASELINES[r["kind"]]
             bases = [b for b in rs if b["method"] == base_name and b["kind"] == r["kind"]]
@@ -339,9 +411,18 @@ def _fmt_num(v: Any) -> str:
 def _fmt_eps(v: Any) -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1:
         k = v * 255
-        if abs(k - round(k)) < 1e-4:
-            return f"{round(k)}/255"
+        for denom in (1, 2, 4):  # 8/255, 0.5/255, 0.25/255
+            if abs(k * denom - round(k * denom)) < 1e-4 * denom:
+                return f"{round(k)}/255" if denom == 1 else f"{round(k * denom) / denom:g}/255"
     return _fmt_num(v)
+
+
+def row_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The finished rows split by comparison group, in order: (label, rows)."""
+    out: dict[str, list[dict]] = OrderedDict()
+    for r in rows:
+        out.setdefault(r["group"], []).append(r)
+    return list(out.items())
 
 
 def _cell(row: dict, key: str, kind: str) -> str:
@@ -366,7 +447,8 @@ def _visible_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     return keep
 
 
-CSV_FIELDS = ["rank", "dataset", "method", "backbone", "kind", "clean_acc", "clean_acc_std", "robust_acc",
+CSV_FIELDS = ["group", "rank", "dataset", "task", "threat", "source_dataset", "method", "backbone", "kind",
+              "clean_acc", "clean_acc_std", "robust_acc",
               "robust_acc_std", "robust_metric", "pgd_acc", "pgd_acc_std", "pgd_steps", "eps", "autoattack_acc",
               "autoattack_acc_std", "autoattack_version", "n_eval", "fs_setting", "fs_clean_acc",
               "fs_clean_acc_std", "fs_clean_ci95", "fs_adv_acc", "fs_adv_acc_std", "fs_adv_ci95", "wall_s",
@@ -383,16 +465,21 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def write_md(rows: list[dict], path: Path, problems: list[tuple[str, str]], images: list[str]) -> None:
-    cols = _visible_columns(rows)
     lines = ["# Leaderboard", "",
+             "One table per comparison group (data set · task · threat model and eps): rows are ranked and "
+             "compared only within their group. "
              "Accuracies in %, mean ± sample std over seeds (n). Robust = AutoAttack when every seed has it, "
              f"else PGD; few-shot rows use episodic accuracies. \"vs baseline\": Welch's t-test on robust "
-             f"accuracy against `{BASELINES['supervised']}` (supervised) / `{BASELINES['fewshot']}` (few-shot) on "
-             f"the same data set, p < {ALPHA}, only when both n ≥ 2.", ""]
-    lines.append("| " + " | ".join(h for _, h, _ in cols) + " |")
-    lines.append("|" + "|".join("---" for _ in cols) + "|")
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r, k, kd).replace("|", "\\|") for k, _, kd in cols) + " |")
+             f"accuracy against `{BASELINES['supervised']}` (supervised) / `{BASELINES['fewshot']}` (few-shot) in "
+             f"the same group, p < {ALPHA}, only when both n ≥ 2.", ""]
+    for label, group_rows in row_groups(rows):
+        cols = [c for c in _visible_columns(group_rows) if c[0] != "group"]
+        lines += [f"## {label}", ""]
+        lines.append("| " + " | ".join(h for _, h, _ in cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
+        for r in group_rows:
+            lines.append("| " + " | ".join(_cell(r, k, kd).replace("|", "\\|") for k, _, kd in cols) + " |")
+        lines.append("")
     if images:
         lines += [""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images]
     if problems:
@@ -401,8 +488,7 @@ def write_md(rows: list[dict], path: Path, problems: list[tuple[str, str]], imag
 
 
 _HTML_JS = r"""
-(function () {
-  var table = document.getElementById('leaderboard');
+function makeSortable(table) {
   var state = {col: -1, asc: true};
   function key(td) {
     var v = td.getAttribute('data-sort');
@@ -435,8 +521,11 @@ _HTML_JS = r"""
   for (var i = 0; i < ths.length; i++) {
     (function (i) { ths[i].addEventListener('click', function () { sortBy(i); }); })(i);
   }
-  window.sortLeaderboard = sortBy;
-})();
+  return sortBy;
+}
+/* one sortable table per comparison group; sortLeaderboard(col, g) sorts group g's table (default the first) */
+var sorters = Array.prototype.map.call(document.querySelectorAll('table.leaderboard'), makeSortable);
+window.sortLeaderboard = function (col, g) { sorters[g || 0](col); };
 """
 
 _HTML_CSS = """
@@ -451,14 +540,11 @@ img{max-width:100%;margin-top:1em}
 """
 
 
-def write_html(rows: list[dict], path: Path, problems: list[tuple[str, str]], images: list[Path]) -> None:
-    cols = _visible_columns(rows)
-    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-           "<title>Robust LoRA leaderboard</title>", f"<style>{_HTML_CSS}</style></head><body>",
-           "<h1>Robust LoRA leaderboard</h1>",
-           "<p>Accuracies in %, mean ± sample std over seeds. Click a column header to sort "
-           "(again to reverse). vs baseline: Welch's t-test, p &lt; 0.05, both n ≥ 2.</p>",
-           "<table id='leaderboard'><thead><tr>"]
+def _html_table(index: int, label: str, rows: list[dict]) -> list[str]:
+    cols = [c for c in _visible_columns(rows) if c[0] != "group"]
+    out = [f"<h2>{html.escape(label)}</h2>",
+           f"<table class='leaderboard' id='leaderboard-{index}' data-group='{html.escape(label, quote=True)}'>"
+           "<thead><tr>"]
     out += [f"<th data-key='{html.escape(k)}'>{html.escape(h)}</th>" for k, h, _ in cols]
     out.append("</tr></thead><tbody>")
     for r in rows:
@@ -477,6 +563,19 @@ def write_html(rows: list[dict], path: Path, problems: list[tuple[str, str]], im
             out.append(f"<td{c} data-sort='{html.escape(sort, quote=True)}'>{html.escape(_cell(r, k, kd))}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
+    return out
+
+
+def write_html(rows: list[dict], path: Path, problems: list[tuple[str, str]], images: list[Path]) -> None:
+    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+           "<title>Robust LoRA leaderboard</title>", f"<style>{_HTML_CSS}</style></head><body>",
+           "<h1>Robust LoRA leaderboard</h1>",
+           "<p>One table per comparison group (data set · task · threat model and eps): rows are ranked and "
+           "compared only within their group. Accuracies in %, mean ± sample std over seeds. Click a column "
+           "header to sort (again to reverse). vs baseline: Welch's t-test within the group, p &lt; 0.05, "
+           "both n ≥ 2.</p>"]
+    for gi, (label, group_rows) in enumerate(row_groups(rows)):
+        out += _html_table(gi, label, group_rows)
     for img in images:
         try:
             b64 = base64.b64encode(Path(img).read_bytes()).decode()
@@ -497,18 +596,21 @@ def print_table(rows: list[dict], problems: list[tuple[str, str]], file=None) ->
         from rich.console import Console
         from rich.table import Table
     except Exception:  # pragma: no cover
-        print("\n".join(" | ".join(_cell(r, k, kd) for k, _, kd in _visible_columns(rows)) for r in rows))
+        print("\n".join(" | ".join(_cell(r, k, kd) for k, _, kd in _visible_columns(rows)) for r in rows), file=file)
         return
-    console = Console(file=file, width=max(160, Console().width))
-    keys = ["rank", "dataset", "method", "backbone", "clean_acc", "robust_acc", "robust_metric", "pgd_acc",
+    console = Console(file=file, width=max(160, Console(file=file).width))
+    keys = ["rank", "method", "backbone", "clean_acc", "robust_acc", "robust_metric", "pgd_acc",
             "autoattack_acc", "fs_adv_acc", "n", "vs_baseline", "p_value", "pareto", "wall_s"]
-    cols = [c for c in _visible_columns(rows) if c[0] in keys]
-    t = Table(title="Leaderboard (accuracy %, mean ± std over seeds)")
-    for k, h, kd in cols:
-        t.add_column(h, justify="left" if kd == "str" else "right")
-    for r in rows:
-        t.add_row(*[_cell(r, k, kd) for k, _, kd in cols])
-    console.print(t)
+    for label, group_rows in row_groups(rows):  # one table per comparison group
+        cols = [c for c in _visible_columns(group_rows) if c[0] in keys]
+        t = Table(title=f"{label} (accuracy %, mean ± std over seeds)")
+        for k, h, kd in cols:
+            t.add_column(h, justify="left" if kd == "str" else "right")
+        for r in group_rows:
+            t.add_row(*[_cell(r, k, kd) for k, _, kd in cols])
+        console.print(t)
+    if not rows:
+        console.print("Leaderboard: no results")
     for p, why in problems:
         console.print(f"[yellow]skipped[/yellow] {p}: {why}")
 
@@ -522,13 +624,19 @@ def _plt():
 
 
 def plot_pareto(rows: list[dict], path: Path) -> bool:
-    datasets = sorted({r["dataset"] for r in rows if r["clean_acc"] is not None and r["robust_acc"] is not None})
-    if not datasets:
+    """One panel per comparison group (its Pareto front is the group's)."""
+    groups = [(label, [r for r in rs if r["clean_acc"] is not None and r["robust_acc"] is not None])
+              for label, rs in row_groups(rows)]
+    groups = [(label, rs) for label, rs in groups if rs]
+    if not groups:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.5), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        rs = [r for r in rows if r["dataset"] == ds and r["clean_acc"] is not None and r["robust_acc"] is not None]
+    ncol = min(3, len(groups))
+    nrow = -(-len(groups) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4.5 * nrow), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (ds, rs) in zip(axes.flat, groups):
         methods = sorted({r["method"] for r in rs})
         cmap = plt.get_cmap("tab10")
         for mi, m in enumerate(methods):
@@ -544,7 +652,7 @@ def plot_pareto(rows: list[dict], path: Path) -> bool:
             ax.scatter([100 * r["clean_acc"] for r in front], [100 * r["robust_acc"] for r in front], s=160,
                        facecolors="none", edgecolors="k", linewidths=1.2)
         metrics = sorted({r["robust_metric"] for r in rs if r["robust_metric"]})
-        ax.set_title(ds)
+        ax.set_title(ds, fontsize=9)
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"robust accuracy (%) [{', '.join(metrics)}]")
         ax.grid(alpha=0.3)
@@ -697,9 +805,9 @@ def log_wandb_leaderboard(rows: list[dict], out_dir: Path, pareto_png: Path | No
                 payload["pareto"] = wandb.Image(str(pareto_png))
             run.log(payload)
             for r in rows:
-                if r.get("rank") == 1:
-                    run.summary[f"best/{r['dataset']}/method"] = r["method"]
-                    run.summary[f"best/{r['dataset']}/robust_acc"] = r["robust_acc"]
+                if r.get("rank") == 1:  # the best of each comparison group
+                    run.summary[f"best/{r['group']}/method"] = r["method"]
+                    run.summary[f"best/{r['group']}/robust_acc"] = r["robust_acc"]
         except Exception as exc:
             notes.append(f"W&B leaderboard logging failed: {exc!r}")
         run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
@@ -866,6 +974,7 @@ def build_leaderboard(results_dir: Path, out_dir: Path | None = None, *, wandb_l
               + ", ".join(i.name for i in images) + ")")
     for r in rows:
         r.pop("_robust_samples", None)
+        r.pop("_group", None)
     return rows
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import html
+import io
 import json
 import os
 import re
@@ -208,8 +211,8 @@ def _dump_dom(browser: str, page: Path, profile: Path) -> str:
     return res.stdout
 
 
-def _order(dom: str) -> list[tuple[str, float]]:
-    body = dom.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+def _order(dom: str, table_id: str) -> list[tuple[str, float]]:
+    body = dom.split(f'id="{table_id}"', 1)[1].split("<tbody>", 1)[1].split("</tbody>", 1)[0]
     out = []
     for tr in re.findall(r"<tr[^>]*>.*?</tr>", body, flags=re.S):
         method = re.search(r'data-method="([^"]*)"', tr).group(1)
@@ -223,27 +226,89 @@ def test_html_sorts_in_headless_chromium(board, tmp_path):
     rows, _, out = board
     browser = _chromium()
     page = (out / "leaderboard.html").read_text()
-    heads = re.findall(r"<th data-key='([^']+)'", page)
+    labels = list(dict.fromkeys(r["group"] for r in rows))  # one table per comparison group, in this order
+    assert page.count("<table class='leaderboard'") == len(labels)
+    gi = next(i for i, g in enumerate(labels) if g.startswith("digits"))
+    table_id = f"leaderboard-{gi}"
+    heads = re.findall(r"<th data-key='([^']+)'", page.split(f"id='{table_id}'", 1)[1].split("</thead>", 1)[0])
     ci = heads.index("clean_acc")
-    # 1) the page as written loads and shows every row in leaderboard order
+    group = [r["method"] for r in rows if r["group"] == labels[gi]]
+    # 1) the page as written loads and shows every row of the digits group in leaderboard order
     plain = tmp_path / "plain.html"
     plain.write_text(page)
     dom = _dump_dom(browser, plain, tmp_path / "p1")
-    base = _order(dom)
-    assert [m for m, _ in base] == [r["method"] for r in rows]
+    base = _order(dom, table_id)
+    assert [m for m, _ in base] == group
     # 2) a click on the "clean" header (the page's own handler) sorts ascending; a second click descending
-    click = ("<script>var th=document.querySelector(\"th[data-key='clean_acc']\");th.click();"
+    click = ("<script>var th=document.querySelector(\"#%s th[data-key='clean_acc']\");th.click();"
              "document.body.setAttribute('data-first', Array.prototype.map.call("
-             "document.querySelectorAll('#leaderboard tbody tr'), function(r){return r.cells[%d]"
-             ".getAttribute('data-sort')}).join(','));th.click();</script></body>" % ci)
+             "document.querySelectorAll('#%s tbody tr'), function(r){return r.cells[%d]"
+             ".getAttribute('data-sort')}).join(','));th.click();</script></body>" % (table_id, table_id, ci))
     clicked = tmp_path / "clicked.html"
     clicked.write_text(page.replace("</body>", click))
     dom = _dump_dom(browser, clicked, tmp_path / "p2")
     first = [float(v) for v in re.search(r'data-first="([^"]*)"', dom).group(1).split(",")]
     assert first == sorted(first)
-    after = _order(dom)
+    after = _order(dom, table_id)
     vals = [float(c[ci]) for _, c in after]
     assert vals == sorted(vals, reverse=True)
     assert [m for m, _ in after] != [m for m, _ in base]  # the rows were reordered
     assert sorted(m for m, _ in after) == sorted(m for m, _ in base)
     assert 'aria-sort="descending"' in dom
+
+
+# --- like with like: comparison groups ----------------------------------------------------------------
+def _result(folder: Path, name: str, method: str, *, dataset="digits", seed=0, eps=1 / 255, clean=0.8, robust=0.3,
+            fewshot=None, targets=None):
+    rec = {"id": name, "method": method, "dataset": dataset, "backbone": "b", "seed": seed, "status": "ok",
+           "config": {"method": method, "dataset": dataset, "seed": seed, "eps": eps}}
+    if fewshot is None:
+        rec["metrics"] = {"clean_acc": clean, "pgd_acc": robust, "eps": eps, "pgd_steps": 5, "n_eval": 256}
+    else:
+        rec["fewshot"] = {"clean_acc": clean, "adv_acc": robust, "eps": eps, **fewshot}
+    if targets is not None:
+        rec["fewshot_targets"] = targets
+    (folder / name).mkdir(parents=True)
+    (folder / name / "result.json").write_text(json.dumps(rec))
+
+
+def test_rows_are_ranked_within_comparison_groups(tmp_path):
+    res = tmp_path / "results"
+    _result(res, "rft1", "rft", clean=0.8, robust=0.30)
+    _result(res, "al1", "autolora", clean=0.8, robust=0.35)
+    _result(res, "rft8", "rft", eps=8 / 255, clean=0.7, robust=0.10)  # another threat model
+    _result(res, "amt", "amt", clean=0.5, robust=0.45, fewshot={"ways": 5, "shots": 1})  # few-shot: never above rft
+    _result(res, "amt5", "amt", clean=0.6, robust=0.5, fewshot={"ways": 5, "shots": 5})
+    _result(res, "pmf", "pmf", clean=0.45, robust=0.2, fewshot={"ways": 5, "shots": 1},
+            targets={"cub": {"ways": 5, "shots": 1, "clean_acc": 0.4, "adv_acc": 0.1},
+                     "cars": {"ways": 5, "shots": 1, "clean_acc": 0.3, "adv_acc": 0.05}})
+    _result(res, "amtx", "amt", clean=0.5, robust=0.45, fewshot={"ways": 5, "shots": 1},
+            targets=[{"dataset": "cub", "ways": 5, "shots": 1, "clean_acc": 0.42, "adv_acc": 0.2}])
+    out = io.StringIO()
+    rows = lb.build_leaderboard(res, tmp_path / "board", console=False)
+    lb.print_table(rows, [], file=out)
+    groups = {g: [(r["method"], r["rank"]) for r in rows if r["group"] == g] for g in dict.fromkeys(
+        r["group"] for r in rows)}
+    assert groups == {
+        "cars · 5-way 1-shot · Linf eps 1/255": [("pmf", 1)],
+        "cub · 5-way 1-shot · Linf eps 1/255": [("amt", 1), ("pmf", 2)],
+        "digits · 5-way 1-shot · Linf eps 1/255": [("amt", 1), ("pmf", 2)],
+        "digits · 5-way 5-shot · Linf eps 1/255": [("amt", 1)],
+        "digits · supervised · Linf eps 1/255": [("autolora", 1), ("rft", 2)],
+        "digits · supervised · Linf eps 8/255": [("rft", 1)],
+    }
+    cub_amt = next(r for r in rows if r["dataset"] == "cub" and r["method"] == "amt")
+    assert cub_amt["source_dataset"] == "digits" and cub_amt["robust_acc"] == pytest.approx(0.2)
+    assert next(r for r in rows if r["group"].startswith("digits · 5-way 5"))["vs_baseline"] == "no pmf"
+    # every output shows one table per group, with every row
+    md = (tmp_path / "board" / "leaderboard.md").read_text()
+    page = (tmp_path / "board" / "leaderboard.html").read_text()
+    printed = out.getvalue()
+    for g, members in groups.items():
+        assert f"## {g}" in md and html.escape(g) in page and g in printed
+    assert md.count("\n| ") - md.count("\n| rank") == len(rows)  # data rows (header rows excluded)
+    assert page.count("<table class='leaderboard'") == len(groups) and page.count("<tr data-method") + page.count(
+        "<tr class='pareto' data-method") == len(rows)
+    assert len(re.findall(r"│ autolora +│", printed)) == 1 and len(re.findall(r"│ pmf +│", printed)) == 3
+    with open(tmp_path / "board" / "leaderboard.csv") as fh:
+        assert [t["group"] for t in csv.DictReader(fh)] == [r["group"] for r in rows]  # W&B's table has them too
