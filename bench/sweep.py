@@ -177,7 +177,10 @@ def _trial_env() -> dict[str, str]:
 def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: bool = False,
               data_root: str | Path | None = None, num_cpus: int | None = None, leaderboard: bool = True,
               wandb_log: bool = False, verbose: int = 1) -> dict[str, Any]:
-    """Run (or ``resume``) the sweep ``spec`` into ``results``; return a summary dict."""
+    """Run (or ``resume``) the sweep ``spec`` into ``results``; return a summary dict.
+
+    ``verbose``: 0 silent, 1 one line per trial start, epoch and end (:class:`ProgressLines`), 2 Tune's own
+    status tables and result boxes besides."""
     t_start = time.time()
     results = Path(results).resolve()
     data_root = resolve_data_root(data_root)
@@ -196,11 +199,16 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Tune's own result.json stays out of RESULTS
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Noise a user does not need: Tune warns at every forced experiment snapshot (one per trial checkpoint
+    # with num_to_keep=1: over 100 lines in a smoke run) and logs each result file it writes.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = _init_ray(address, num_cpus, _trial_env())
     import logging
 
     # Tune's own result.json/progress.csv are switched off (see above); its "could not fetch metrics" is noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    if verbose < 2:
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     import ray
     from ray import tune
 
@@ -233,10 +241,11 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                     time_budget_s=spec.time_budget_s, trial_dirname_creator=_dirname_creator,
                     trial_name_creator=_dirname_creator),
                 run_config=RunConfig(
-                    name=spec.name, storage_path=str(results / TUNE_DIR), verbose=verbose,
+                    name=spec.name, storage_path=str(results / TUNE_DIR), verbose=verbose if verbose >= 2 else 0,
                     failure_config=FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=1),
-                    callbacks=[ResultFileCallback(str(results))]))
+                    callbacks=[ResultFileCallback(str(results))]
+                    + ([ProgressLines(spec.n_trials(), t_start)] if verbose == 1 else [])))
         print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
               flush=True)
         grid = tuner.fit()
@@ -361,6 +370,40 @@ class ResultFileCallback(_TuneCallback):
         self._write(trial, "error", "trial failed without writing a result (see Tune's error file)")
 
 
+class ProgressLines(_TuneCallback):
+    """What a user follows during a sweep: one line per trial start, finished epoch, end and error."""
+
+    def __init__(self, n_trials: int, t_start: float):
+        self.n_trials, self.t_start, self.n_done = n_trials, t_start, 0
+
+    def _say(self, text: str) -> None:
+        print(f"[{time.time() - self.t_start:6.0f} s] {text}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(f"{trial.trial_id}: started ({trial.config.get('method')}, seed {trial.config.get('seed')})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "done_result" in result:  # the final report: test metrics
+            tests = [f"{k[5:]} {result[k]:.3f}" for k in ("test_clean_acc", "test_pgd_acc", "test_autoattack_acc",
+                                                            "test_adv_acc") if k in result]
+            self._say(f"{trial.trial_id}: tested: {', '.join(tests) or 'done'}")
+            return
+        vals = [f"{k} {v:.3f}" for k, v in result.items()
+                if k.startswith("val_") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        epoch = result.get("epoch")
+        self._say(f"{trial.trial_id}: epoch {int(epoch) if epoch is not None else '?'}"
+                  + (f" train_loss {result['train_loss']:.3f}" if "train_loss" in result else "")
+                  + (", " + ", ".join(vals) if vals else ""))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.n_done += 1
+        self._say(f"{trial.trial_id}: finished ({self.n_done}/{self.n_trials} trials done)")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.n_done += 1
+        self._say(f"{trial.trial_id}: FAILED ({self.n_done}/{self.n_trials}); error file: {trial.error_file}")
+
+
 def _jsonable(d: dict | None) -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -449,11 +492,20 @@ def _trial_setup(config: dict, ctx: dict, trial_id: str):
     return cfg, out_dir, sweep_info, ctx["metrics"][method]
 
 
+def _quiet_trial_logs() -> None:
+    """Informational lines every trial process would forward to the driver; warnings and errors stay."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per epoch
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
+
+
 def sweep_trial(config: dict, ctx: dict) -> None:
     """The Tune trainable: one trial of the sweep."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
+    _quiet_trial_logs()
     cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id)
     from bench.trial import is_pool_config, run_trial, write_error_result
 

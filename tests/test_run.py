@@ -125,22 +125,43 @@ def test_engine_settings_run_end_to_end(shards_root, tmp_path, engine_setting):
     assert len(r["history"]) == 2 and 0 <= r["metrics"]["pgd_acc"] <= r["metrics"]["clean_acc"]
 
 
-@pytest.mark.parametrize("enabled, dtype", [(False, "torch.float32"), (True, "torch.bfloat16")])
-def test_train_autocast_runs_convolutions_in_bf16(enabled, dtype):
+@pytest.mark.parametrize("enabled, native, dtype", [
+    (False, True, "torch.float32"),
+    (True, True, "torch.bfloat16"),  # a CPU with bf16 instructions
+    (True, False, "torch.float32"),  # without them bf16 is slower than fp32: fp32, with a warning
+])
+def test_train_autocast_runs_convolutions_in_bf16(enabled, native, dtype, monkeypatch):
+    import warnings
+
     import torch
 
+    from bench import engine
     from bench.backbones import create_backbone
-    from bench.engine import train_autocast
     from methods.base import BaseConfig
 
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(engine, "_warned_bf16_fallback", False)
     model = create_backbone("tiny_cnn", 10)
     seen = []
     hook = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_hook(
         lambda mod, inp, out: seen.append(str(out.dtype)))
-    with train_autocast(BaseConfig(bf16_autocast=enabled), torch.device("cpu")):
-        loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # the fallback warns once, not per step
+            with engine.train_autocast(BaseConfig(bf16_autocast=enabled), torch.device("cpu")):
+                loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
+    fallback = [w for w in caught if "no bf16 instructions" in str(w.message)]
+    assert len(fallback) == (1 if enabled and not native else 0)
     loss.backward()
     hook.remove()
-    assert seen == [dtype]
+    assert seen == [dtype] * 2
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights (and their grads) stay fp32
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx512f avx512bw", False), ("avx512f avx512_bf16", True),
+                                           ("amx_tile amx_bf16", True), ("avx512_bf16x", False)])
+def test_cpu_has_native_bf16_reads_cpu_flags(flags, native):
+    from bench.engine import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(f"processor\t: 0\nflags\t\t: {flags}\n") is native
