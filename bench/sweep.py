@@ -252,10 +252,34 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     finally:
         if started:
             ray.shutdown()
+    # Tune calls a trial finished when its last report arrives; the trial wrote result.json just before, but
+    # on a multi-node cluster that file may become visible to this driver later (another node's write to a
+    # shared disk, a trial still exiting): wait for them, so the summary and the console leaderboard see the
+    # same trials as the files (and as a later `bench leaderboard`).
+    late = wait_for_result_files(results, [Path(r.path).name for r in grid if r.path and not r.error])
+    if late:
+        print(f"bench sweep: no result.json yet for {', '.join(late)}", flush=True)
     summary = summarize(grid, results, spec, time.time() - t_start)
     if leaderboard:
         _leaderboard(results, wandb_log)
     return summary
+
+
+def wait_for_result_files(results: Path, trial_names: list[str], timeout_s: float = 60.0) -> list[str]:
+    """Wait until each ``results/<trial>/result.json`` exists and parses; return the trials still missing."""
+    deadline = time.monotonic() + timeout_s
+    missing = list(trial_names)
+    while True:
+        still = []
+        for name in missing:
+            try:
+                json.loads((Path(results) / name / "result.json").read_text())
+            except (OSError, ValueError):
+                still.append(name)
+        missing = still
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.5)
 
 
 def _pool_parallel(spec, cluster: dict) -> int:
@@ -334,6 +358,7 @@ def _leaderboard(results: Path, wandb_log: bool) -> None:
         print(f"bench sweep: no leaderboard ({e})")
         return
     build_leaderboard(results, wandb_log=wandb_log, console=True)
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------------------------- callbacks
