@@ -413,3 +413,22 @@ def test_driver_waits_for_late_result_files_before_the_leaderboard(tmp_path, cap
     printed = capsys.readouterr().out
     md = (tmp_path / "leaderboard.md").read_text()
     assert len(rows) == 1 and "│ rft" in printed and "| rft |" in md.replace("  ", " ")
+
+
+def test_smoke_sets_its_own_budgets_and_threat_model():
+    """The smoke's figures (README) must not move when a method's paper defaults change: every budget that
+    decides its cost and its learning signal is set in the file, at eps 1/255, on >= 256 test images."""
+    from bench.sweep_space import load_sweep
+
+    smoke = load_sweep(ROOT / "tune_spaces" / "smoke.yaml")
+    supervised = ("epochs", "max_train_samples", "batch_size", "lr", "train_attack_steps", "eval_pgd_steps",
+                  "n_eval", "autoattack_version")
+    episodic = ("epochs", "episodes_per_epoch", "ways", "shots", "queries", "episodes", "eval_pgd_steps",
+                "autoattack_version")
+    for method in smoke.methods:
+        o = smoke.overrides(method, 0, {})
+        keys = episodic if method in ("amt", "pmf") else supervised
+        assert all(k in o for k in keys), (method, [k for k in keys if k not in o])
+        assert o["eps"] == pytest.approx(1 / 255)
+        n_test = o["episodes"] * o["ways"] * o["queries"] if method in ("amt", "pmf") else o["n_eval"]
+        assert n_test >= 256, method
