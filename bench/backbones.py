@@ -1,4 +1,12 @@
-"""Backbones by name, timm-style: ``create_backbone(name, num_classes)`` and ``list_backbones()``.
+"""Backbones by name: ``create_backbone(name, num_classes)`` and ``list_backbones()``, on timm's registry.
+
+The suite's own backbones (:data:`SUITE_BACKBONES`) are timm models, registered here with
+``@register_model`` and a ``pretrained_cfg``: after ``import bench.backbones``,
+``timm.create_model("cifar_resnet18_aa", pretrained=True)`` gives pyautoattack's CIFAR-10 ResNet-18 with
+its shipped weights, inside the suite or not. No suite model has a hub address: pretrained weights come
+from a local file or not at all, never a download. Local weights for any timm model are
+``NAME@/path/to/weights`` (timm's ``pretrained_cfg_overlay=dict(file=...)``: timm's own loader and
+checkpoint filters, e.g. a ViT's position embeddings resampled to ``image_size``).
 
 Every backbone comes back as an :class:`ImageClassifier`: inputs in pixel space [0, 1] (normalisation is
 part of the model, so attacks and eps work in pixel space), ``features(x)`` gives pooled features and a
@@ -11,24 +19,22 @@ attack and eps stay on the stored image (32x32 for CIFAR) while the encoder sees
 from __future__ import annotations
 
 import importlib.util
+import logging
+import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
+import timm
 import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_BACKBONES: dict[str, Callable[..., "ImageClassifier"]] = {}
-
-
-def register_backbone(name: str):
-    def wrap(fn):
-        _BACKBONES[name] = fn
-        return fn
-
-    return wrap
+# The suite's own names in timm's registry (timm's other names work too, see create_backbone).
+SUITE_BACKBONES = ("cifar_resnet18_aa", "tiny_cnn", "madry_resnet18", "madry_resnet50")
 
 
 class ImageClassifier(nn.Module):
@@ -57,119 +63,122 @@ class ImageClassifier(nn.Module):
 
 
 def list_backbones() -> list[str]:
-    return sorted(_BACKBONES) + ["<any timm model name>", "<path to a .pt/.pth/.safetensors checkpoint>"]
+    return list(SUITE_BACKBONES) + ["<any timm model name>", "<NAME@/path/to/weights.{pt,pth,safetensors}>"]
+
+
+def check_backbone(name: str) -> tuple[str, Path | None]:
+    """``(timm name, local weights or None)`` for a backbone name, or a one-line error before any work."""
+    arch, weights = name.split("@", 1) if "@" in name else (name, None)
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(SUITE_BACKBONES)}, any timm model name "
+                         f"(timm.list_models()), or NAME@/path/to/weights")
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"backbone {name!r}: weights file {weights} does not exist")
+    return arch, Path(weights) if weights is not None else None
 
 
 def create_backbone(name: str, num_classes: int, *, pretrained: bool = False, image_size: int | None = None,
                     input_resize: int | None = None) -> ImageClassifier:
-    """A registered name, a timm model name, or ``timm_name@/path/to/weights`` / a checkpoint path.
+    """A suite backbone, a timm model name, or ``timm_name@/path/to/weights``.
 
     ``image_size``: the size the loader yields; ``input_resize``: the model resizes its inputs to that size
-    (nearest) before normalisation, so the encoder (a ViT's position embeddings) is built for it."""
-    model = _create_backbone(name, num_classes, pretrained=pretrained, image_size=input_resize or image_size)
-    model.input_resize = input_resize
-    return model
+    (nearest) before normalisation, so the encoder (a ViT's position embeddings) is built for it.
 
-
-def _create_backbone(name: str, num_classes: int, *, pretrained: bool, image_size: int | None) -> ImageClassifier:
-    if name in _BACKBONES:
-        return _BACKBONES[name](num_classes=num_classes, pretrained=pretrained, image_size=image_size)
-    import timm
-
-    weights = None
-    if "@" in name:  # timm architecture with local weights: resnet18@/path/w.pth
-        name, weights = name.split("@", 1)
-    if not timm.is_model(name):
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(_BACKBONES))}, any timm model "
-                         f"name (timm.list_models()), or NAME@/path/to/weights")
+    ``pretrained`` asks timm for a timm model's published weights (hub or cache); a suite backbone whose
+    weights ship as a local file always loads them, one without weights is randomly initialised."""
+    arch, weights = check_backbone(name)
+    image_size = input_resize or image_size
     kwargs = {}
-    if image_size is not None and "vit" in name:
-        kwargs["img_size"] = image_size  # timm interpolates position embeddings when loading weights
-    encoder = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0, **kwargs)
-    cfg = encoder.pretrained_cfg or {}
-    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    if image_size is not None and "vit" in arch:
+        kwargs["img_size"] = image_size  # timm's loader resamples the position embeddings to it
     if weights is not None:
-        state = load_state_dict_file(weights)
-        if is_madry_checkpoint(state):
-            state, mean, std = convert_madry_checkpoint(state)
-        if "vit" in name:  # resamples position embeddings to the requested image size
-            from timm.models.vision_transformer import checkpoint_filter_fn
-
-            state = checkpoint_filter_fn(state, encoder)
-        report = load_report(encoder, state)
-        if report["missing"] or report["unexpected"]:
-            raise ValueError(f"checkpoint {weights} does not fit {name}: {len(report['missing'])} missing keys "
-                             f"(e.g. {report['missing'][:3]}), {len(report['unexpected'])} unexpected "
-                             f"(e.g. {report['unexpected'][:3]})")
-        print(f"loaded {weights} into {name}: {report['matched']} tensors matched, head left out")
-    return ImageClassifier(encoder, encoder.num_features, num_classes, mean=mean, std=std)
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        pretrained = True
+    elif arch in SUITE_BACKBONES:
+        pretrained = bool(timm.models.get_pretrained_cfg(arch).file)
+    with _strict_load(name):
+        encoder = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+    if weights is not None:
+        print(f"loaded {weights} into {arch} (head left out)")
+    cfg = encoder.pretrained_cfg or {}
+    mean, std = tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
+    return ImageClassifier(encoder, encoder.num_features, num_classes, mean=mean, std=std,
+                           input_resize=input_resize)
 
 
-_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head_dist.")
+@contextmanager
+def _strict_load(name: str):
+    """Make a checkpoint that does not fit an error, not a partly random backbone.
+
+    timm loads non-strictly whenever the head is replaced (always here: ``num_classes=0``) and only logs
+    the keys it could not match; those log records are collected and turned into one error."""
+    report = {"missing": [], "unexpected": []}
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            found = re.match(r"(Missing|Unexpected) keys \((.*)\) (discovered|found) while loading", msg)
+            if found:
+                report[found.group(1).lower()] += [k for k in found.group(2).split(", ") if k]
+
+    timm_log = logging.getLogger("timm.models._builder")
+    handler, level = Collect(logging.INFO), timm_log.level
+    timm_log.addHandler(handler)
+    timm_log.setLevel(logging.INFO)
+    try:
+        yield report
+    finally:
+        timm_log.removeHandler(handler)
+        timm_log.setLevel(level)
+    if report["missing"] or report["unexpected"]:
+        hint = ""
+        if any(k.startswith(("model.", "attacker.model.")) for k in report["unexpected"]):
+            hint = " (a MadryLab robustness checkpoint? use madry_resnet18@PATH or madry_resnet50@PATH)"
+        raise ValueError(f"checkpoint of backbone {name!r} does not fit: {len(report['missing'])} missing keys "
+                         f"(e.g. {report['missing'][:3]}), {len(report['unexpected'])} unexpected "
+                         f"(e.g. {report['unexpected'][:3]}){hint}")
 
 
-def load_report(encoder: nn.Module, state: dict[str, torch.Tensor]) -> dict:
-    """Load ``state`` (classifier heads left out) and say what matched; shape mismatches raise in torch."""
-    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
-    return {"matched": len(state) - len(unexpected), "missing": missing, "unexpected": list(unexpected)}
-
-
-def is_madry_checkpoint(state: dict) -> bool:
-    return any(k.startswith("module.model.") for k in state)
-
-
-def convert_madry_checkpoint(state: dict[str, torch.Tensor]):
-    """MadryLab ``robustness`` checkpoints (the AutoLoRa paper's resnet{18,50}_linf_eps4.0.ckpt).
-
-    ``model`` holds ``module.model.*`` (torchvision ResNet names, which timm's ResNets share),
-    ``module.attacker.model.*`` (a duplicate for the attacker) and ``module.normalizer.new_mean/new_std``.
-    """
-    weights = {k[len("module.model."):]: v for k, v in state.items() if k.startswith("module.model.")}
-    mean = state.get("module.normalizer.new_mean")
-    std = state.get("module.normalizer.new_std")
-    mean = tuple(mean.flatten().tolist()) if mean is not None else IMAGENET_MEAN
-    std = tuple(std.flatten().tolist()) if std is not None else IMAGENET_STD
-    return weights, mean, std
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
-
-
-def _pyautoattack_example(module: str) -> Path:
+# --- the suite's models in timm's registry ------------------------------------------------------------
+def _pyautoattack_example(name: str) -> Path | None:
+    """A file of pyautoattack's ``examples`` folder, found without importing pyautoattack (None if absent)."""
     spec = importlib.util.find_spec("pyautoattack")
     if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "examples" / name
+
+
+_AA_WEIGHTS = _pyautoattack_example("model_test.pt")
+
+default_cfgs = generate_default_cfgs({  # read by @register_model: the pretrained_cfg of each model below
+    # Raw [0, 1] pixels (no normalisation in the authors' eval script). The file holds CUDA tensors: timm's
+    # loader maps them to the CPU and loads with weights_only=True.
+    "cifar_resnet18_aa": dict(file=str(_AA_WEIGHTS) if _AA_WEIGHTS and _AA_WEIGHTS.is_file() else None,
+                              num_classes=10, input_size=(3, 32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                              first_conv="conv1", classifier="linear", license="mit",
+                              origin_url="https://github.com/fra31/auto-attack"),
+    "tiny_cnn": dict(num_classes=10, input_size=(3, 32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                     first_conv="conv1", classifier="head"),  # no weights: random init, for tests
+    # MadryLab robustness checkpoints (the AutoLoRa paper's ImageNet l_inf eps 4/255 models), not
+    # distributed with anything: madry_resnet50@/path/resnet50_linf_eps4.0.ckpt.
+    "madry_resnet18": dict(num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="conv1",
+                           classifier="fc", origin_url="https://github.com/MadryLab/robustness"),
+    "madry_resnet50": dict(num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="conv1",
+                           classifier="fc", origin_url="https://github.com/MadryLab/robustness"),
+})
+
+
+def _aa_resnet18(num_classes: int = 10, **kwargs) -> nn.Module:
+    """The architecture in the file shipped beside the weights (``examples/resnet.py``); the examples
+    folder is not an importable package, so it is loaded by path."""
+    path = _pyautoattack_example("resnet.py")
+    if path is None:
         raise ModuleNotFoundError("pyautoattack is not installed (pip install pyautoattack)")
-    return Path(spec.origin).parent / "examples" / module
+    spec = importlib.util.spec_from_file_location("_aa_resnet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
 
-
-@register_backbone("cifar_resnet18_aa")
-def cifar_resnet18_aa(num_classes: int, pretrained: bool = True, image_size: int | None = None) -> ImageClassifier:
-    """The CIFAR-10 ResNet-18 (3x3 stem) that pyautoattack ships with its weights.
-
-    The architecture is loaded from the file shipped beside the weights (``examples/resnet.py``): the
-    examples folder is not an importable package, so it is loaded by path. Its inputs are raw [0, 1]
-    pixels (no normalisation in the authors' eval script), so mean 0, std 1. Always pre-trained: the
-    weights ship with the package, nothing downloads.
-    """
-    spec = importlib.util.spec_from_file_location("_aa_resnet", _pyautoattack_example("resnet.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-
-    class AnySizeResNet(mod.ResNet):
+    class AnySizeResNet(module.ResNet):
         """The shipped forward pools with a fixed 4x4 window (32-pixel inputs only); a window of the whole
         map is the same operation at 32 pixels and lets ``input_resize`` feed the network larger images."""
 
@@ -178,42 +187,76 @@ def cifar_resnet18_aa(num_classes: int, pretrained: bool = True, image_size: int
             out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
             return self.linear(nn.functional.avg_pool2d(out, out.shape[-2:]).flatten(1))
 
-    net = AnySizeResNet(mod.BasicBlock, [2, 2, 2, 2])  # = mod.ResNet18() with that forward
-    # The file holds CUDA tensors: map to CPU; weights_only keeps loading free of pickle code execution.
-    state = torch.load(_pyautoattack_example("model_test.pt"), map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
-    net.linear = nn.Identity()  # the CIFAR-10 head goes; ImageClassifier adds the downstream head
-    return ImageClassifier(net, 512, num_classes)
+    net = AnySizeResNet(module.BasicBlock, [2, 2, 2, 2])  # = module.ResNet18() with that forward
+    if num_classes != 10:
+        net.linear = nn.Linear(512, num_classes) if num_classes else nn.Identity()
+    net.num_classes, net.num_features = num_classes, 512
+    return net
 
 
-@register_backbone("tiny_cnn")
-def tiny_cnn(num_classes: int, pretrained: bool = False, image_size: int | None = None) -> ImageClassifier:
-    """A randomly initialised two-block residual CNN for fast tests and smoke sweeps (no weights)."""
+@register_model
+def cifar_resnet18_aa(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The CIFAR-10 ResNet-18 (3x3 stem) whose weights ship inside pyautoattack."""
+    return build_model_with_cfg(_aa_resnet18, "cifar_resnet18_aa", pretrained, **kwargs)
 
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
-        def forward(self, x):
-            out = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(16)
-            self.layer1 = nn.Sequential(Block(16, 16, 1))
-            self.layer2 = nn.Sequential(Block(16, 32, 2))
-            self.pool = nn.AdaptiveAvgPool2d(1)
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.conv1(x)))
-            return self.pool(self.layer2(self.layer1(x))).flatten(1)
 
-    return ImageClassifier(Net(), 32, num_classes)
+class TinyCNN(nn.Module):
+    """A two-block residual CNN for fast tests and smoke sweeps."""
+
+    def __init__(self, num_classes: int = 10, **kwargs):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(_Block(16, 16, 1))
+        self.layer2 = nn.Sequential(_Block(16, 32, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_classes, self.num_features = num_classes, 32
+        self.head = nn.Linear(32, num_classes) if num_classes else nn.Identity()
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.head(self.pool(self.layer2(self.layer1(x))).flatten(1))
+
+
+@register_model
+def tiny_cnn(pretrained: bool = False, **kwargs) -> TinyCNN:
+    return build_model_with_cfg(TinyCNN, "tiny_cnn", pretrained, **kwargs)
+
+
+def _madry_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A robustness checkpoint's ``model`` holds ``module.model.*`` (torchvision ResNet names, which timm's
+    ResNets share; timm has already cut ``module.``), ``module.attacker.model.*`` (a duplicate for the
+    attacker) and ``module.normalizer.new_mean/new_std``, which become the model's mean and std."""
+    if not any(k.startswith("model.") for k in state):
+        raise ValueError("not a MadryLab robustness checkpoint: no module.model.* weights")
+    for stat in ("mean", "std"):
+        value = state.get(f"normalizer.new_{stat}")
+        if value is not None:
+            model.pretrained_cfg[stat] = tuple(value.flatten().tolist())
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+@register_model
+def madry_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
+    return build_model_with_cfg(ResNet, "madry_resnet18", pretrained, pretrained_filter_fn=_madry_filter,
+                                block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
+
+
+@register_model
+def madry_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    return build_model_with_cfg(ResNet, "madry_resnet50", pretrained, pretrained_filter_fn=_madry_filter,
+                                block=Bottleneck, layers=(3, 4, 6, 3), **kwargs)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.backbones import create_backbone
+from bench.backbones import check_backbone, create_backbone
 from bench.config import config_hash, save_config
 from bench.engine import (build_engine, checkpoint_path, load_checkpoint, load_module_state, restore,
                           save_checkpoint, train_autocast, trial_device, world)
@@ -63,15 +63,7 @@ def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
     """Everything that can be wrong with the request, checked before any work starts."""
     ds_dir = dataset_dir(cfg.dataset, data_root)
     manifest = read_manifest(ds_dir)
-    from bench.backbones import _BACKBONES
-
-    name = cfg.backbone.split("@", 1)[0]
-    if cfg.backbone not in _BACKBONES and not Path(cfg.backbone).exists():
-        import timm
-
-        if not timm.is_model(name):
-            raise ValueError(f"unknown backbone {cfg.backbone!r}; valid: {', '.join(sorted(_BACKBONES))}, "
-                             f"any timm model name, or NAME@/path/to/weights")
+    check_backbone(cfg.backbone)
     method_cls = get_method(cfg.method)
     needed = ("train", "test") if method_cls.episodic else ("train", "val", "test")
     missing = [s for s in needed if s not in manifest["splits"]]
@@ -424,7 +416,8 @@ class Trial:
             x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size,
                               transform=cfg.transform)
             result["metrics"] = robust_metrics(self.method.eval_model(), x, y, cfg, device=self.device,
-                                               progress=self.progress and self.rank == 0)
+                                               progress=self.progress and self.rank == 0,
+                                               state_dir=self.out_dir)  # a killed evaluation resumes
         return result
 
 
