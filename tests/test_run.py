@@ -111,6 +111,39 @@ def test_killed_trial_resumes_from_last_checkpoint(shards_root, tmp_path):
     assert json.loads((out / "result.json").read_text())["status"] == "ok"
 
 
+@pytest.mark.slow
+def test_trial_killed_during_autoattack_resumes_the_evaluation(shards_root, tmp_path):
+    out = tmp_path / "aa"
+    args = ["run", "--method", "ft", "--backbone", "tiny_cnn", "--data-root", str(shards_root), "--out", str(out),
+            "--no-progress", "--set", "epochs=1", "--set", "autoattack_version=apgd-ce", *TINY,
+            "--set", "eval_batch_size=2", "--set", "eval_pgd_steps=1"]  # AutoAttack in batches of 2
+    e = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], env=e, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state_path = out / "autoattack_state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state_path.exists() and json.loads(state_path.read_text())["pending"]:
+            break  # at least one AutoAttack batch is done and more are left
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = json.loads(state_path.read_text())
+    assert killed["attack"] == "apgd-ce" and killed["pending"], "the kill must land mid-evaluation"
+    assert not (out / "result.json").exists()
+    p = bench(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"apgd-ce has {len(killed['pending'])} samples left" in p.stdout, p.stdout
+    final = json.loads(state_path.read_text())
+    assert final["done"] == ["apgd-ce"]
+    # samples found broken before the kill stay broken: the resumed run did not start over
+    assert not any(f and not k for f, k in zip(final["robust"], killed["robust"]))
+    m = json.loads((out / "result.json").read_text())["metrics"]
+    assert m["autoattack_acc"] == sum(final["robust"]) / len(final["robust"]) <= m["clean_acc"]
+
+
 @pytest.mark.parametrize("engine_setting", ["zero_stage=2", "bf16=true", "bf16_autocast=true", "channels_last=true",
                                             "channels_last=true zero_stage=2"])
 def test_engine_settings_run_end_to_end(shards_root, tmp_path, engine_setting):
