@@ -202,7 +202,10 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     # Noise a user does not need: Tune warns at every forced experiment snapshot (one per trial checkpoint
     # with num_to_keep=1: over 100 lines in a smoke run) and logs each result file it writes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = _init_ray(address, num_cpus, _trial_env())
+    env = _trial_env()
+    if spec.gpus == 0:  # CPU trials (Ray hides the GPUs from them): DeepSpeed need not detect, and warn about, it
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    started = _init_ray(address, num_cpus, env)
     import logging
 
     # Tune's own result.json/progress.csv are switched off (see above); its "could not fetch metrics" is noise.
