@@ -1,14 +1,18 @@
 """Backbones on timm's registry: the suite's models, local weights through timm's loader, bad names."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 from bench.backbones import SUITE_BACKBONES, create_backbone, list_backbones
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _madry_ckpt(path, arch="resnet18", drop=None):
@@ -36,7 +40,8 @@ def test_timm_create_model_gives_pyautoattack_weights_in_a_plain_session():
         "assert torch.equal(m.linear.bias, sd['linear.bias'].cpu())\n"
         "print(tuple(m(torch.rand(2, 3, 32, 32)).shape))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip() == "(2, 10)"
 
