@@ -64,6 +64,7 @@ COLUMNS = [
     ("device", "device", "str"),
     ("n", "n", "num"),
     ("seeds", "seeds", "str"),
+    ("selected", "selected settings", "str"),
     ("vs_baseline", "vs baseline", "str"),
     ("p_value", "p", "num"),
     ("pareto", "Pareto", "str"),
@@ -147,6 +148,8 @@ def load_results(results_dir: Path) -> tuple[list[dict], list[tuple[str, str]]]:
         if missing:
             problems.append((str(path), f"missing field(s) {', '.join(missing)}"))
             continue
+        if data.get("stage") == "validation":  # a candidate without test (merge search): not an entry
+            continue
         metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
         fewshot = data.get("fewshot") if isinstance(data.get("fewshot"), dict) else {}
         if _num(metrics.get("clean_acc")) is None and _num(fewshot.get("clean_acc")) is None:
@@ -174,8 +177,11 @@ def expand_targets(records: list[dict]) -> list[dict]:
     """
     out: list[dict] = []
     for rec in records:
-        out.append(rec)
         targets = rec.get("fewshot_targets")
+        # bench.trial's cross-domain result: ``fewshot`` is its first target's block, not a source row
+        if not (isinstance(targets, dict) and rec["dataset"] not in targets
+                and any(rec.get("fewshot") == b for b in targets.values())):
+            out.append(rec)
         if isinstance(targets, dict):
             items = [(str(k), v) for k, v in targets.items()]
         elif isinstance(targets, list):
@@ -191,6 +197,14 @@ def expand_targets(records: list[dict]) -> list[dict]:
             target_rec.update(dataset=target, source_dataset=rec["dataset"], fewshot=block)
             out.append(target_rec)
     return out
+
+
+def _selected_settings(rec: dict) -> str | None:
+    """The settings a per-domain search selected for this result (bench.merge_search), as text."""
+    sel = rec.get("merge_selection")
+    if not isinstance(sel, dict) or not isinstance(sel.get("settings"), dict):
+        return None
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sel["settings"].items())
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -302,6 +316,7 @@ def group_records(records: list[dict]) -> list[dict]:
         row["wall_s"] = _stats([_get(r, "cost", "wall_s") for r in recs])[0]
         row["images_per_s"] = _stats([_get(r, "cost", "images_per_s") for r in recs])[0]
         row["device"] = _common([_get(r, "cost", "device") for r in recs])
+        row["selected"] = _common([_selected_settings(r) for r in recs])
         row["n"] = len(recs)
         seeds = [r.get("seed") if r.get("seed") is not None else _get(r, "config", "seed") for r in recs]
         row["seeds"] = ",".join(str(s) for s in seeds if s is not None)

@@ -68,7 +68,9 @@ def run(args) -> int:
         spec.workers = args.workers_per_trial
     if args.check:
         print(f"{spec.path}: ok, {spec.n_trials()} trials of {', '.join(spec.methods)} on "
-              f"{', '.join(spec.datasets())}, every config resolved")
+              f"{', '.join(spec.datasets())}, every config resolved"
+              + (" (merge search: validation-only candidates; the best per target domain is tested once)"
+                 if spec.merge_search else ""))
         return 0
     results = (args.results or Path("results") / spec.name).resolve()
     if args.overwrite and not args.resume and results.exists():
@@ -226,7 +228,7 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                "spec_fixed": {m: spec.overrides(m, 0, {}, per_dataset=False) for m in spec.methods},
                "per_dataset": {m: {d: spec.dataset_overrides(m, d) for d in spec.per_dataset} for m in spec.methods},
                "workers": spec.workers, "cpus": spec.cpus, "gpus": spec.gpus,
-               "storage": str(results / TUNE_DIR)}
+               "storage": str(results / TUNE_DIR), "merge_search": spec.merge_search}
         ctx["pool_parallel"] = _pool_parallel(spec, ray.cluster_resources())
         trainable = tune.with_parameters(sweep_trial, ctx=ctx)
         trainable = tune.with_resources(trainable, _trial_resources(spec, ctx))
@@ -252,6 +254,8 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
         print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
               flush=True)
         grid = tuner.fit()
+        if spec.merge_search:
+            _test_merge_selections(spec, results, ctx)
     finally:
         if started:
             ray.shutdown()
@@ -283,6 +287,28 @@ def wait_for_result_files(results: Path, trial_names: list[str], timeout_s: floa
         if not missing or time.monotonic() >= deadline:
             return missing
         time.sleep(0.5)
+
+
+def _test_merge_selections(spec, results: Path, ctx: dict) -> None:
+    """A merge search's second step: per target, the candidate that validated best is tested once
+    (bench.merge_search), each test a Ray task with one trial's resources."""
+    import ray
+
+    from bench.merge_search import load_candidates, select, test_selected
+    from bench.sweep_pool import _merge_trial, task_options
+
+    selections = select(load_candidates(results, spec.name), sorted(spec.space))
+    task = ray.remote(_merge_trial).options(**task_options(spec.cpus, spec.gpus))
+    kwargs = {"data_root": ctx["data_root"], "progress": False, "group": spec.name, "track": True,
+              "sweep": {"name": spec.name, "stage": "test of the per-target selection"}}
+
+    def run(cfg, out_dir):
+        return ray.get(task.remote(cfg, str(out_dir), kwargs))
+
+    for sel in selections:
+        print(f"bench sweep: {spec.name}: {sel['target']}: selected {sel['settings']} "
+              f"({sel['metric']} {sel['value']:.4f} of {sel['candidates']} candidates); testing it", flush=True)
+    test_selected(selections, results, run)
 
 
 def _pool_parallel(spec, cluster: dict) -> int:
@@ -553,7 +579,8 @@ def sweep_trial(config: dict, ctx: dict) -> None:
 
     try:
         result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
-                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True)
+                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True,
+                           evaluate=not ctx.get("merge_search"))  # merge-search candidates: validation only
     except Exception as exc:
         write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise
@@ -576,7 +603,8 @@ def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, 
     _log_attempt(out_dir)
     try:
         result = run_pool_trial(cfg, out_dir, data_root=ctx["data_root"], cpus=ctx["cpus"], gpus=ctx["gpus"],
-                                cache=Path(ctx["members"]), run_id=trial_id, group=ctx["name"], sweep=sweep_info)
+                                cache=Path(ctx["members"]), run_id=trial_id, group=ctx["name"], sweep=sweep_info,
+                                evaluate=not ctx.get("merge_search"))
     except Exception as exc:
         write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise

@@ -127,7 +127,7 @@ def _merge_trial(cfg, out_dir: str, kwargs: dict) -> dict:
 
 
 def run_pool_trial(cfg, out_dir: Path, *, data_root: str, cpus: float, gpus: float, cache: Path,
-                   run_id: str, group: str, sweep: dict) -> dict:
+                   run_id: str, group: str, sweep: dict, evaluate: bool = True) -> dict:
     """An ``amt`` sweep trial: members as parallel tasks (cached), then the merging trial as one task."""
     import ray
 
@@ -136,6 +136,6 @@ def run_pool_trial(cfg, out_dir: Path, *, data_root: str, cpus: float, gpus: flo
     merge_cfg = train_pool(cfg, out_dir, data_root=data_root, progress=False, group=group, track=True,
                            runner=ray_member_runner(cpus, gpus), cache=cache)
     kwargs = {"data_root": data_root, "progress": False, "run_id": run_id, "group": group, "sweep": sweep,
-              "track": True}
+              "track": True, "evaluate": evaluate}
     task = ray.remote(_merge_trial).options(**task_options(cpus, gpus))
     return ray.get(task.remote(merge_cfg, str(out_dir), kwargs))

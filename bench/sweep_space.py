@@ -38,7 +38,7 @@ import yaml
 TOP_KEYS = ("name", "method", "methods", "dataset", "backbone", "fixed", "per_method", "per_dataset", "space",
             "scheduler",
             "search", "num_samples", "metric", "mode", "seeds", "resources", "max_concurrent_trials",
-            "max_failures", "time_budget_s", "description")
+            "max_failures", "time_budget_s", "description", "merge_search")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("fifo", "asha")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t", "brackets")
@@ -76,6 +76,7 @@ class SweepSpec:
     max_concurrent_trials: int | None = None
     max_failures: int = 1
     time_budget_s: float | None = None
+    merge_search: bool = False  # amt trials are merge-only candidates; the best per target is tested (bench.merge_search)
 
     def metric_for(self, method: str) -> str:
         """The validation metric a trial of ``method`` reports as the sweep's objective."""
@@ -306,6 +307,18 @@ def load_sweep(path: str | Path) -> SweepSpec:
     tb = raw.get("time_budget_s")
     spec.time_budget_s = None if tb is None else _num(path, "time_budget_s", tb, positive=True)
 
+    merge_search = raw.get("merge_search", False)
+    if not isinstance(merge_search, bool):
+        raise _fail(path, "merge_search", f"expected true or false, got {merge_search!r}")
+    if merge_search:
+        from bench.merge_search import check_space
+
+        reason = check_space(list(spec.space), methods)
+        if reason:
+            raise _fail(path, "merge_search", reason)
+        if spec.workers > 1:
+            raise _fail(path, "merge_search", "merge-only trials run on one worker; set resources.workers: 1")
+    spec.merge_search = merge_search
     _check_configs(spec)
     return spec
 

@@ -69,6 +69,9 @@ def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
     missing = [s for s in needed if s not in manifest["splits"]]
     if missing:
         raise ValueError(f"data set {cfg.dataset!r} ({ds_dir}) has no {'/'.join(missing)} split")
+    for target in getattr(cfg, "target_datasets", None) or []:
+        if "test" not in read_manifest(dataset_dir(target, data_root))["splits"]:
+            raise ValueError(f"target data set {target!r} has no test split")
     return ds_dir
 
 
@@ -87,7 +90,7 @@ def run_trial(cfg: BaseConfig, out_dir: str | Path, *, data_root: str | Path | N
         cfg = train_pool(cfg, out_dir, data_root=data_root, progress=progress, group=group, track=track,
                          runner=pool_runner, cache=pool_cache)
     return Trial(cfg, out_dir, ds_dir, progress=progress, epoch_callback=epoch_callback, run_id=run_id,
-                 group=group, sweep=sweep, track=track, evaluate=evaluate).run()
+                 group=group, sweep=sweep, track=track, evaluate=evaluate, data_root=data_root).run()
 
 
 def train_pool(cfg: BaseConfig, out_dir: str | Path, *, data_root=None, progress: bool = True,
@@ -116,8 +119,8 @@ def is_pool_config(cfg: BaseConfig) -> bool:
 
 class Trial:
     def __init__(self, cfg, out_dir: Path, ds_dir: Path, *, progress, epoch_callback, run_id, group, sweep,
-                 track, evaluate=True):
-        self.evaluate = evaluate
+                 track, evaluate=True, data_root=None):
+        self.evaluate, self.data_root = evaluate, data_root
         self.cfg, self.out_dir, self.ds_dir = cfg, out_dir, ds_dir
         self.progress, self.epoch_callback, self.group, self.sweep, self.track = (
             progress, epoch_callback, group, sweep, track)
@@ -158,7 +161,12 @@ class Trial:
         self.method = self.method_cls(cfg, backbone, num_classes)
         model = self.method.model.to(self.device)  # channels_last weights: build_engine decides
         optimizer = self.method.make_optimizer()
-        self.engine = build_engine(model, optimizer, cfg)
+        if self.method.needs_training:
+            self.engine = build_engine(model, optimizer, cfg)
+        else:  # a merge-only trial evaluates a trained pool: DeepSpeed's set-up would be its largest cost
+            from bench.engine import PlainEngine
+
+            self.engine = PlainEngine(model, optimizer)
 
     def _data(self):
         cfg = self.cfg
@@ -177,6 +185,7 @@ class Trial:
             self.test_sampler = EpisodeSampler(self.ds_dir, "test", novel, cfg.ways, cfg.shots, cfg.queries,
                                                seed=cfg.seed + 10_000, image_size=cfg.image_size,
                                                transform=cfg.transform)
+            self.targets = self._targets(novel)
             self.steps_per_epoch = cfg.episodes_per_epoch
             return
         self.train_loader = make_loader(self.ds_dir, "train", per_rank, train=True, augment=cfg.augment,
@@ -195,12 +204,38 @@ class Trial:
         self.val = load_split(self.ds_dir, "val", max_samples=cfg.n_val, image_size=cfg.image_size,
                               transform=cfg.transform)
 
-    def _val_sampler(self, classes):
-        """Validation episodes come from the held-out part of the training data, never the test set."""
+    def _targets(self, novel) -> list[dict]:
+        """The test domains: name, test sampler, validation sampler (None: no usable val split). Without
+        ``target_datasets``: the source's novel classes, validated on the training data's held-out episodes.
+        A named target uses its own test split and, for per-domain selection, its own val split, over its
+        manifest's novel classes (the source's ``novel_classes`` for the source itself), else all its classes."""
+        from data_shards.episodes import EpisodeSampler
+        from data_shards.paths import dataset_dir
+
+        cfg = self.cfg
+        if not cfg.target_datasets:
+            return [{"name": cfg.dataset, "test": self.test_sampler, "val": self.val_sampler}]
+        out = []
+        for name in cfg.target_datasets:
+            if name == cfg.dataset:
+                ds_dir, manifest, classes = self.ds_dir, self.manifest, novel
+            else:
+                ds_dir = dataset_dir(name, self.data_root)
+                manifest = read_manifest(ds_dir)
+                classes = manifest.get("fewshot", {}).get("novel_classes") or list(range(manifest["num_classes"]))
+            test = EpisodeSampler(ds_dir, "test", classes, cfg.ways, cfg.shots, cfg.queries,
+                                  seed=cfg.seed + 10_000, image_size=cfg.image_size, transform=cfg.transform)
+            out.append({"name": name, "test": test, "val": self._val_sampler(classes, ds_dir, manifest)})
+        return out
+
+    def _val_sampler(self, classes, ds_dir=None, manifest=None):
+        """Validation episodes come from a held-out (val) split, never the test set: the training data's,
+        or a target data set's."""
         from data_shards.episodes import EpisodeSampler
 
         cfg = self.cfg
-        split = self.manifest["splits"].get("val")
+        ds_dir, manifest = ds_dir or self.ds_dir, manifest or self.manifest
+        split = manifest["splits"].get("val")
         if split is None:
             return None
         counts: dict[int, int] = {}
@@ -211,7 +246,7 @@ class Trial:
         if len(usable) < cfg.ways:
             return None
         queries = max(1, min(cfg.queries, min(counts[c] for c in usable) - cfg.shots))
-        return EpisodeSampler(self.ds_dir, "val", usable, cfg.ways, cfg.shots, queries, seed=1234,
+        return EpisodeSampler(ds_dir, "val", usable, cfg.ways, cfg.shots, queries, seed=1234,
                               image_size=cfg.image_size, transform=cfg.transform)
 
     def _train_batches(self):
@@ -267,17 +302,18 @@ class Trial:
         logs.update({k: v / max(1, n_steps) for k, v in sums.items()})
         return logs
 
-    def _validate(self, adversarial: bool = False) -> dict[str, float]:
+    def _validate(self, adversarial: bool = False, sampler=None) -> dict[str, float]:
         cfg = self.cfg
         if self.method_cls.episodic:
-            if self.val_sampler is None:
+            sampler = sampler or self.val_sampler
+            if sampler is None:
                 return {}
             from dataclasses import replace
 
             from bench.fewshot import evaluate_fewshot
 
             attack = adversarial and cfg.val_pgd_steps > 0  # PGD-val_pgd_steps on the validation queries
-            out = evaluate_fewshot(self.method, self.val_sampler, cfg.val_episodes,
+            out = evaluate_fewshot(self.method, sampler, cfg.val_episodes,
                                    replace(cfg, eval_pgd_steps=cfg.val_pgd_steps), attack=attack,
                                    device=self.device, progress=False)
             val = {"val_fewshot_acc": out["clean_acc"]}
@@ -352,7 +388,7 @@ class Trial:
         if not self.method.needs_training and not history:
             # A merging trial trains nothing but is still selected on validation (the sweep's objective):
             # validation episodes of what it evaluates, from the held-out training data.
-            row = {"epoch": 0, **self._validate(adversarial=True)}
+            row = {"epoch": 0, **self._validate_targets()}
             history.append(row)
             if self.rank == 0:
                 write_json_atomic(history, self.out_dir / "history.json")
@@ -369,7 +405,9 @@ class Trial:
             load_module_state(self.engine, state["model"])
             selected_epoch = state["epoch"]
         t_eval = time.time()
-        result = self._evaluate() if self.evaluate else self._identity()
+        # without its test evaluation a trial is a validation-only candidate (a pool member, a merge-search
+        # setting): the leaderboard skips it
+        result = self._evaluate() if self.evaluate else {**self._identity(), "stage": "validation"}
         eval_s = time.time() - t_eval
         cost = {"wall_s": time.time() - t0, "train_s": train_s, "eval_s": eval_s,
                 "device": _device_name(self.device),
@@ -389,6 +427,19 @@ class Trial:
             for note in tracker.finish(_flat_summary(result)) or []:
                 print(note)
         return result
+
+    def _validate_targets(self) -> dict[str, float]:
+        """Validation of every test domain (per-domain selection, e.g. of merge settings): keys suffixed
+        ``@<target>``; the unsuffixed keys are the first target's. Without ``target_datasets``: ``_validate``."""
+        if not getattr(self.cfg, "target_datasets", None):
+            return self._validate(adversarial=True)
+        row: dict[str, float] = {}
+        for target in self.targets:
+            val = self._validate(adversarial=True, sampler=target["val"]) if target["val"] is not None else {}
+            if not row:
+                row.update(val)
+            row.update({f"{k}@{target['name']}": v for k, v in val.items()})
+        return row
 
     def _load_history(self) -> list[dict]:
         path = self.out_dir / "history.json"
@@ -410,8 +461,12 @@ class Trial:
         if self.method_cls.episodic:
             from bench.fewshot import evaluate_fewshot
 
-            result["fewshot"] = evaluate_fewshot(self.method, self.test_sampler, cfg.episodes, cfg, attack=True,
-                                                 device=self.device, progress=self.progress)
+            blocks = {t["name"]: evaluate_fewshot(self.method, t["test"], cfg.episodes, cfg, attack=True,
+                                                  device=self.device, progress=self.progress)
+                      for t in self.targets}
+            result["fewshot"] = next(iter(blocks.values()))  # the first (primary) target's
+            if cfg.target_datasets:
+                result["fewshot_targets"] = blocks
         else:
             x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size,
                               transform=cfg.transform)

@@ -115,12 +115,19 @@ class EpisodicConfig(BaseConfig):
     val_episodes: int = 5
     base_classes: list[int] | None = None  # None: the manifest's base split (digits: 0-4)
     novel_classes: list[int] | None = None  # None: the manifest's novel split (digits: 5-9)
+    # Test domains, each a data set under the shards root (its test split; its val split for per-domain
+    # selection); each gets its own few-shot block in result.json. None: the source's novel classes.
+    target_datasets: list[str] | None = None
 
     def validate(self) -> None:
         super().validate()
         for name in ("ways", "shots", "queries", "episodes_per_epoch", "episodes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.target_datasets is not None and (not self.target_datasets
+                                                 or len(set(self.target_datasets)) != len(self.target_datasets)):
+            raise ValueError(f"target_datasets={self.target_datasets}: give a non-empty list without repeats, "
+                             f"or null (the source's novel classes)")
 
 
 class Episode(NamedTuple):
