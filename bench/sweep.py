@@ -257,7 +257,8 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
         if spec.merge_search:
             from bench.merge_search import SelectionError
 
-            try:
+            try:  # the candidates' result.json first (see below), then select among them
+                wait_for_result_files(results, [Path(r.path).name for r in grid if r.path and not r.error])
                 _test_merge_selections(spec, results, ctx)
             except SelectionError as exc:  # the candidates stay; the leaderboard says what is missing
                 print(f"bench sweep: {spec.name}: no test of a selected setting: {exc}", flush=True)
