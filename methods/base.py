@@ -22,10 +22,10 @@ from torch import nn
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "apgd-ce", "off")
 # Named (train, eval) image transforms, implemented with torchvision in data_shards/transforms.py:
-# auto: the data set's usual one (cifar for 32-pixel sets, imagenet224 otherwise); cifar: pad-4 crop + flip /
-# identity; imagenet224: Resize(256)+RandomResizedCrop(224)+flip / Resize(256)+CenterCrop(224) (AutoLoRa's
-# 224-pixel sets); amt128: RandomResizedCrop(128)+ColorJitter(0.4)+flip / Resize(146)+CenterCrop(128) (AMT, PMF);
-# none: the stored image at image_size.
+# auto: the data set's usual one (cifar when all images share one size <= 64 px, else imagenet224);
+# cifar: pad-4 crop + flip / identity; imagenet224: Resize(256)+RandomResizedCrop(224)+flip /
+# Resize(256)+CenterCrop(224) (AutoLoRa's 224-pixel sets); amt128: RandomResizedCrop(128)+ColorJitter(0.4)+flip /
+# Resize(146)+CenterCrop(128) (AMT, PMF); none: the stored image at image_size.
 TRANSFORMS = ("auto", "cifar", "imagenet224", "amt128", "none")
 
 
