@@ -9,9 +9,9 @@ own rendezvous on a free port, so two trials on one node never collide.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
+import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -36,7 +36,15 @@ def ensure_dist_env() -> None:
 
 
 def world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def trial_device() -> torch.device:
@@ -76,6 +84,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg):
     if channels_last:  # DeepSpeed's first broadcast views each parameter as bytes, which needs contiguous memory
         model.to(memory_format=torch.contiguous_format)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, world_size))
+    _load_weights_only(engine)
     if channels_last and cfg.zero_stage == 0 and not cfg.bf16:
         # Only here does DeepSpeed keep the parameters themselves (ZeRO and bf16 make them views of flat
         # buffers, which a format change would detach). Elsewhere the channels_last inputs alone select
@@ -170,59 +179,184 @@ class PlainEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    # DeepSpeed's checkpoint interface, so that the functions below treat both engines alike
+    def zero_optimization_stage(self) -> int:
+        return 0
 
-def load_module_state(engine, state: dict[str, torch.Tensor]) -> None:
-    """Load weights into the engine's module and into the ZeRO/bf16 fp32 master copy, if there is one."""
-    engine.module.load_state_dict(state)
-    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-    if callable(refresh):  # ZeRO 1/2 and bf16 keep fp32 partitions that would otherwise overwrite the load
-        refresh()
+    def zero_optimization_partition_weights(self) -> bool:
+        return False
 
+    def save_checkpoint(self, save_dir, tag, client_state=None, save_latest=True) -> bool:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), **(client_state or {})}
+        _atomic_save(state, folder / PLAIN_STATE)
+        if save_latest:
+            _atomic_write_text(Path(save_dir) / LATEST, tag)
+        return True
 
-def cfg_bf16(engine) -> bool:
-    return bool(getattr(engine, "bfloat16_enabled", lambda: False)())
+    def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True, **_):
+        tag = tag or (Path(load_dir) / LATEST).read_text().strip()
+        path = Path(load_dir) / tag / PLAIN_STATE
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state.pop("module"))
+        optimizer_state = state.pop("optimizer")
+        if load_optimizer_states:
+            self.optimizer.load_state_dict(optimizer_state)
+        return str(path.parent), state
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
+# A trial's checkpoint folder is DeepSpeed's save_dir: one folder per finished epoch (``epoch0003/``: the
+# model states and every rank's ZeRO optimizer partition, written by DeepSpeed), ``latest`` naming the newest
+# complete one, and ``best.pt``, the full weights of the epoch that validation selected.
+LATEST = "latest"
+BEST = "best.pt"
+CLIENT_KEY = "bench"  # the trial's own state inside DeepSpeed's checkpoint, as JSON text
+PLAIN_STATE = "plain_state.pt"  # PlainEngine's one file per tag
+
+
+def epoch_tag(epoch: int) -> str:
+    return f"epoch{epoch:04d}"
+
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill leaves the previous checkpoint intact
+    os.replace(tmp, path)  # a kill leaves the previous file intact
 
 
-def checkpoint_path(ckpt_dir: Path, tag: str) -> Path:
-    rank, _ = world()
-    return Path(ckpt_dir) / f"{tag}.rank{rank}.pt"
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{socket.gethostname()}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
-def save_checkpoint(engine, method, ckpt_dir: Path, tag: str, epoch: int, extra: dict | None = None) -> Path:
-    """Model weights, client-optimizer state and the method's schedule state, loadable with weights_only."""
+def _deepspeed_safe_globals() -> list:
+    """The only classes DeepSpeed 0.19 pickles into its checkpoints (ZeRO 0-3, fp32 and bf16), found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``; all three hold plain numbers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(engine) -> None:
+    """DeepSpeed 0.19 reads its checkpoint files through ``engine.checkpoint_engine.load``, which calls
+    ``torch.load(..., weights_only=False)``: unpickling a file can run any code it names. Swap in the same
+    engine loading with ``weights_only=True``, DeepSpeed's three plain-data classes allowlisted."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from ``src``; bf16 travels as int16 bits (gloo has no bf16 reductions or copies)."""
+    import torch.distributed as dist
+
+    dist.broadcast(t.view(torch.int16) if t.dtype == torch.bfloat16 else t, src=src)
+    return t
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, epoch: int, client: dict[str, Any]) -> str:
+    """Every rank calls this after epoch ``epoch``: DeepSpeed writes the weights and every rank's optimizer
+    state (momentum, fp32 master copy) under the tag ``epochNNNN``, with ``client`` (plain data: the
+    method's schedule state, the trial's counters) as JSON text; only then does ``latest`` move to the
+    new tag, so a kill at any point leaves the previous epoch's checkpoint whole and named."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": {k: v.detach().cpu() for k, v in engine.module.state_dict().items()},
-        "epoch": epoch,
-        # plain data as JSON text so that weights_only loading never needs pickle globals
-        "method": json.dumps(method.state_dict()),
-        "extra": json.dumps(extra or {}),
-    }
-    if engine.zero_optimization_stage() == 0 and not cfg_bf16(engine):
-        state["optimizer"] = method.optimizer.state_dict()
-    path = checkpoint_path(ckpt_dir, tag)
-    _atomic_save(state, path)
-    return path
+    tag = epoch_tag(epoch)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_KEY: json.dumps(client, default=float)},
+                           save_latest=False)
+    # DeepSpeed's save ends in a barrier: every rank's files are complete here. (Its own ``latest`` is
+    # written in place by rank 0 before that barrier, so a kill could leave it naming a partial tag.)
+    if local_rank() == 0:  # one writer per node: nodes without a shared disk each keep their own folder
+        _atomic_write_text(ckpt_dir / LATEST, tag)
+        for old in ckpt_dir.glob("epoch*"):
+            if old.is_dir() and old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return tag
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state["method"] = json.loads(state["method"])
-    state["extra"] = json.loads(state.get("extra", "{}"))
-    return state
+def load_latest(engine, ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """Every rank calls this right after ``build_engine``: restores weights, optimizer state and returns the
+    client state of the newest complete epoch, or None when there is none."""
+    latest = Path(ckpt_dir) / LATEST
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if path is None or not client or CLIENT_KEY not in client:
+        raise RuntimeError(f"checkpoint {Path(ckpt_dir) / tag} is incomplete; remove {latest} to start afresh")
+    return json.loads(client[CLIENT_KEY])
 
 
-def restore(engine, method, state: dict[str, Any]) -> None:
-    load_module_state(engine, state["model"])
-    method.load_state_dict(state["method"])
-    if "optimizer" in state:
-        method.optimizer.load_state_dict(state["optimizer"])
+def _gathered(engine, modifier_rank: int | None):
+    """Under ZeRO-3 the full parameters, all-gathered from every rank's partition for the duration (every
+    rank must enter); with ``modifier_rank`` set, that rank's changes reach the others on exit."""
+    if not engine.zero_optimization_partition_weights():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=modifier_rank)
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The module's full weights and buffers as CPU tensors on rank 0, None on the others. Every rank
+    calls this: under ZeRO-3 each holds only its partition, and gathering is a collective."""
+    rank, _ = world()
+    with _gathered(engine, modifier_rank=None):
+        if rank != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+
+
+def load_full_state(engine, state: dict[str, torch.Tensor] | None) -> None:
+    """Every rank calls this; ``state`` (full weights) is needed on rank 0 only. Rank 0's weights and
+    buffers reach the other ranks, then the fp32 master copy (ZeRO and bf16) is refreshed from them."""
+    import torch.distributed as dist
+
+    rank, world_size = world()
+    with _gathered(engine, modifier_rank=0):
+        if rank == 0:
+            engine.module.load_state_dict(state)
+        if world_size > 1:
+            # under ZeRO-3 the gather broadcasts rank 0's parameters on exit; buffers (BN statistics) and
+            # the parameters of the other stages are sent here, in place
+            zero3 = engine.zero_optimization_partition_weights()
+            tensors = [b for b in engine.module.buffers()] if zero3 else list(engine.module.state_dict().values())
+            for t in tensors:
+                broadcast_(t.data)
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if callable(refresh):  # ZeRO and bf16 keep fp32 partitions that would otherwise overwrite the load
+        refresh()
+
+
+def save_best(engine, ckpt_dir: str | Path, epoch: int) -> None:
+    """Every rank calls this (see :func:`full_state_dict`); rank 0 writes ``best.pt`` atomically."""
+    state = full_state_dict(engine)
+    if state is not None:
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_save({"epoch": epoch, "model": state}, Path(ckpt_dir) / BEST)
+
+
+def load_best(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """``{"epoch", "model"}`` of ``best.pt``, or None; plain tensors, loaded with ``weights_only=True``."""
+    path = Path(ckpt_dir) / BEST
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None

@@ -5,9 +5,17 @@
   lr, λ ...) with the epoch's checkpoint folder, so ASHA can stop bad trials and a lost trial restarts from
   its last epoch.
 * Trials with ``resources.workers > 1`` run a Ray Train ``TorchTrainer`` inside the Tune trial (the
-  Train-inside-Tune pattern of Ray >= 2.43): every worker runs ``run_trial`` under DeepSpeed (Ray's torch
-  backend sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), every rank saves its checkpoint, rank 0's
-  metrics reach Tune through ``TuneReportCallback``.
+  Train-inside-Tune pattern of Ray >= 2.43): every worker runs ``run_trial`` under DeepSpeed in Ray's
+  worker environment (its torch backend sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
+  and joins the process group), every rank saves its part of DeepSpeed's checkpoint, one worker per node
+  reports the trial's folder, rank 0's metrics reach Tune through ``TuneReportCallback``; the trainer
+  retries failed workers from the last checkpoint (``FailureConfig``).
+* Code travels with Ray's runtime_env (``py_modules``: the suite's packages), so worker nodes need the
+  suite's dependencies installed but not its source. ``--storage`` (a path every node sees, or an object
+  store URI such as ``s3://bucket/prefix``) is Tune's storage: trials then run in a node-local folder and
+  every report's files (checkpoints, history.json, result.json) travel through it into ``RESULTS``, so
+  nodes need no shared disk. Without it, storage is ``RESULTS/_tune`` and trials write ``RESULTS`` directly
+  (one node, or ``RESULTS`` on a shared file system).
 * Tune's own state lives in ``RESULTS/_tune/<name>``; ``--resume`` restores it: finished trials are not
   rerun, unfinished and errored ones continue from their checkpoints.
 * A trial that raises writes ``result.json`` with ``"status": "error"`` and re-raises, so Tune records the
@@ -28,6 +36,7 @@ from typing import Any
 OBJECTIVE = "objective"  # the key every trial reports its validation metric under (per-method metric names differ)
 TUNE_DIR = "_tune"
 MEMBERS_DIR = "_members"  # AMT pool members, shared by the sweep's amt trials (bench.sweep_pool)
+PACKAGES = ("bench", "methods", "data_shards")  # the suite's code, shipped to every node (runtime_env py_modules)
 # Environment a trial process needs from the driver (a remote cluster's workers do not inherit it).
 PROPAGATE_ENV = ("WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY",
                  "TORCH_EXTENSIONS_DIR", "BENCH_SHARDS", "BENCH_DEBUG", "OMP_NUM_THREADS")
@@ -46,6 +55,9 @@ def add_parser(sub) -> None:
                    help="override resources.gpus (per worker when workers > 1); fractions allowed")
     p.add_argument("--workers-per-trial", type=int, default=None, help="override resources.workers")
     p.add_argument("--results", type=Path, default=None, help="results folder (default: results/<sweep name>)")
+    p.add_argument("--storage", default=None,
+                   help="Tune's storage for nodes without a shared disk: a path all nodes see, or a URI "
+                        "(s3://..., gs://...); trials' files reach --results through it (default: --results/_tune)")
     p.add_argument("--data-root", type=Path, default=None, help="shards root (default: $BENCH_SHARDS or ./shards)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
     p.add_argument("--no-leaderboard", action="store_true")
@@ -78,7 +90,8 @@ def run(args) -> int:
             raise ValueError(f"--overwrite: {results} does not look like a sweep's results folder (no sweep.json)")
         shutil.rmtree(results)
     summary = run_sweep(spec, results, address=args.address, resume=args.resume, data_root=args.data_root,
-                        num_cpus=args.num_cpus, leaderboard=not args.no_leaderboard, wandb_log=args.wandb)
+                        num_cpus=args.num_cpus, leaderboard=not args.no_leaderboard, wandb_log=args.wandb,
+                        storage=args.storage)
     # 1 when a trial failed: the sweep still ran the others and built the leaderboard from them
     return 1 if summary["n_error"] or any(v in ("error", "unreadable") for v in summary["result_files"].values()) else 0
 
@@ -157,7 +170,7 @@ def _init_ray(address: str | None, num_cpus: int | None, env: dict[str, str]):
 
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": env}
+    runtime_env = {"env_vars": env, "py_modules": _code_modules()}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -165,35 +178,57 @@ def _init_ray(address: str | None, num_cpus: int | None, env: dict[str, str]):
     return True
 
 
+def _code_modules() -> list[str]:
+    """The suite's package folders: Ray uploads them once per sweep and puts them on every worker's path,
+    on every node, whatever the node's file system holds."""
+    repo = Path(__file__).resolve().parents[1]
+    return [str(repo / name) for name in PACKAGES]
+
+
 def _trial_env() -> dict[str, str]:
     env = {k: os.environ[k] for k in PROPAGATE_ENV if k in os.environ}
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("WANDB_SILENT", "true")
-    repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(repo) / ".cache" / "torch_extensions"))
+    # DeepSpeed's compiled op, built once: beside the driver's code unless TORCH_EXTENSIONS_DIR says where
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
     env["BENCH_IN_SWEEP"] = "1"
     return env
 
 
+def _storage(results: Path, storage: str | None) -> str:
+    """Tune's storage_path: ``storage`` as given (URI, or a path made absolute), else RESULTS/_tune."""
+    if storage is None:
+        return str(results / TUNE_DIR)
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def _experiment_exists(storage: str, name: str) -> bool:
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
+    return fs.get_file_info(f"{path.rstrip('/')}/{name}").type != pyarrow.fs.FileType.NotFound
+
+
 def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: bool = False,
               data_root: str | Path | None = None, num_cpus: int | None = None, leaderboard: bool = True,
-              wandb_log: bool = False, verbose: int = 1) -> dict[str, Any]:
+              wandb_log: bool = False, verbose: int = 1, storage: str | None = None) -> dict[str, Any]:
     """Run (or ``resume``) the sweep ``spec`` into ``results``; return a summary dict.
 
     ``verbose``: 0 silent, 1 one line per trial start, epoch and end (:class:`ProgressLines`), 2 Tune's own
-    status tables and result boxes besides."""
+    status tables and result boxes besides. ``storage``: Tune's storage (see the module's docstring)."""
     t_start = time.time()
     results = Path(results).resolve()
     data_root = resolve_data_root(data_root)
     from data_shards.paths import dataset_dir
 
     dataset_dir(spec.dataset, data_root)  # fails early, with its own message, when the shards are missing
-    exp_dir = results / TUNE_DIR / spec.name
-    if exp_dir.exists() and not resume:
-        raise ValueError(f"{results} already holds sweep {spec.name!r}; pass --resume to continue it, "
-                         f"or --results DIR for a new one")
-    if resume and not exp_dir.exists():
+    storage_path = _storage(results, storage)
+    exp_dir = f"{storage_path.rstrip('/')}/{spec.name}"
+    exists = _experiment_exists(storage_path, spec.name)
+    if exists and not resume:
+        raise ValueError(f"{exp_dir} already holds sweep {spec.name!r}; pass --resume to continue it, "
+                         f"or --results DIR / --storage for a new one")
+    if resume and not exists:
         raise ValueError(f"nothing to resume: {exp_dir} does not exist")
     results.mkdir(parents=True, exist_ok=True)
     (results / "sweep.json").write_text(json.dumps(_spec_record(spec, data_root), indent=2, default=str))
@@ -228,12 +263,13 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                "spec_fixed": {m: spec.overrides(m, 0, {}, per_dataset=False) for m in spec.methods},
                "per_dataset": {m: {d: spec.dataset_overrides(m, d) for d in spec.per_dataset} for m in spec.methods},
                "workers": spec.workers, "cpus": spec.cpus, "gpus": spec.gpus,
-               "storage": str(results / TUNE_DIR), "merge_search": spec.merge_search}
+               "storage": storage_path, "node_local": storage is not None, "max_failures": spec.max_failures,
+               "merge_search": spec.merge_search}
         ctx["pool_parallel"] = _pool_parallel(spec, ray.cluster_resources())
         trainable = tune.with_parameters(sweep_trial, ctx=ctx)
         trainable = tune.with_resources(trainable, _trial_resources(spec, ctx))
         if resume:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
             from ray.tune import CheckpointConfig, FailureConfig, RunConfig
@@ -246,10 +282,10 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                     time_budget_s=spec.time_budget_s, trial_dirname_creator=_dirname_creator,
                     trial_name_creator=_dirname_creator),
                 run_config=RunConfig(
-                    name=spec.name, storage_path=str(results / TUNE_DIR), verbose=verbose if verbose >= 2 else 0,
+                    name=spec.name, storage_path=storage_path, verbose=verbose if verbose >= 2 else 0,
                     failure_config=FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=1),
-                    callbacks=[ResultFileCallback(str(results))]
+                    callbacks=[ResultFileCallback(str(results), fetch=ctx["node_local"], storage=storage_path)]
                     + ([ProgressLines(spec.n_trials(), t_start)] if verbose == 1 else [])))
         print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
               flush=True)
@@ -405,17 +441,43 @@ except Exception:  # noqa: BLE001 - Ray missing: the module still imports for `b
 
 
 class ResultFileCallback(_TuneCallback):
-    """A trial that ends without a result.json (stopped by ASHA, lost with its node) gets one saying why."""
+    """With ``fetch`` (trials run in node-local folders), each checkpoint a trial reports (its folder:
+    checkpoints, history.json, finally result.json) is copied from Tune's storage into RESULTS/<trial>.
+    A trial that ends without a result.json (stopped by ASHA, lost with its node) gets one saying why."""
 
-    def __init__(self, results: str):
-        self.results = results
+    def __init__(self, results: str, fetch: bool = False, storage: str | None = None):
+        self.results, self.fetch, self.storage = results, fetch, storage
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if self.fetch and checkpoint is not None:
+            self._fetch(trial, checkpoint)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        # a multi-worker trial's checkpoints are Ray Train's, named in its reports (TuneReportCallback)
+        path = result.get("checkpoint_path")
+        if self.fetch and path:
+            import pyarrow.fs
+            from ray import tune
+
+            uri = self.storage if "://" in self.storage else Path(self.storage).as_uri()
+            self._fetch(trial, tune.Checkpoint(path, filesystem=pyarrow.fs.FileSystem.from_uri(uri)[0]))
+
+    def _fetch(self, trial, checkpoint) -> None:
+        out = Path(self.results) / trial_dir_name(trial.config.get("method", "trial"), trial.config.get("seed", 0),
+                                                  trial.trial_id)
+        staging = out.with_name(f".{out.name}.fetch")
+        shutil.rmtree(staging, ignore_errors=True)
+        checkpoint.to_directory(str(staging))
+        _merge_tree(staging, out)
+        shutil.rmtree(staging, ignore_errors=True)
 
     def _write(self, trial, status: str, reason: str) -> None:
         out = Path(self.results) / trial_dir_name(trial.config.get("method", "trial"), trial.config.get("seed", 0),
                                                   trial.trial_id)
         path = out / "result.json"
-        if path.exists() or not out.exists():
+        if path.exists() or not (out.exists() or self.fetch):
             return
+        out.mkdir(parents=True, exist_ok=True)
         cfg = trial.config
         rec = {"id": trial.trial_id, "method": cfg.get("method"), "seed": cfg.get("seed"), "status": status,
                "error": reason, "sweep": {"trial_id": trial.trial_id}, "last_result": _jsonable(trial.last_result)}
@@ -464,6 +526,22 @@ class ProgressLines(_TuneCallback):
         self._say(f"{trial.trial_id}: FAILED ({self.n_done}/{self.n_trials}); error file: {trial.error_file}")
 
 
+def _merge_tree(src: Path, dst: Path) -> None:
+    """Copy ``src`` over ``dst``, each file replaced atomically; the epoch folders of ``dst/checkpoints``
+    that ``src`` no longer has are removed (``latest`` moved on)."""
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copy2(f, tmp)
+            os.replace(tmp, target)
+    if (src / "checkpoints").is_dir():
+        for old in (dst / "checkpoints").glob("epoch*"):
+            if not (src / "checkpoints" / old.name).exists():
+                shutil.rmtree(old, ignore_errors=True)
+
+
 def _jsonable(d: dict | None) -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -503,27 +581,43 @@ def _final_metrics(result: dict, metric: str) -> dict[str, Any]:
     return out
 
 
-def _restore_checkpoint(out_dir: Path) -> None:
-    """A trial restarted on another node (no shared disk) gets its epoch checkpoint back from Tune's storage."""
-    from ray import tune
+def _restore_checkpoint(ckpt, out_dir: Path) -> None:
+    """A trial restarted on a node that lacks its folder (no shared disk, or node-local trial folders) gets
+    it back from the last checkpoint it reported to Tune's storage (the trial's folder)."""
+    from bench.engine import LATEST
 
-    ckpt = tune.get_checkpoint()
-    target = out_dir / "checkpoints"
-    if ckpt is None or any(target.glob("last.rank*.pt")):
+    if ckpt is None or (out_dir / "checkpoints" / LATEST).exists():
         return
     with ckpt.as_directory() as src:
-        target.mkdir(parents=True, exist_ok=True)
-        for f in Path(src).iterdir():
-            if f.is_file():
-                shutil.copy2(f, target / f.name)
+        _merge_tree(Path(src), out_dir)
+
+
+def _report_dir(out_dir: Path):
+    """What a report carries as its checkpoint: the trial's folder (DeepSpeed's checkpoint of the last
+    epoch, best.pt, history.json, at the end result.json)."""
+    from ray import tune
+
+    return tune.Checkpoint.from_directory(str(out_dir))
+
+
+def _trial_out_dir(ctx: dict, name: str) -> Path:
+    """RESULTS/<trial>, or with ``--storage`` a folder of the trial's own node (Tune's trial folder there):
+    its files reach RESULTS through the storage."""
+    if ctx.get("node_local"):
+        from ray import tune
+
+        return Path(tune.get_context().get_trial_dir()) / name
+    return Path(ctx["results"]) / name
 
 
 def _log_attempt(out_dir: Path) -> None:
     """One line per start of this trial (first run, retry after a failure, resume): node and start epoch."""
     import ray
 
+    from bench.engine import LATEST
+
     start_epoch = 0
-    last = out_dir / "checkpoints" / "last.rank0.pt"
+    last = out_dir / "checkpoints" / LATEST
     if last.exists() and (out_dir / "history.json").exists():
         try:
             start_epoch = len(json.loads((out_dir / "history.json").read_text()))
@@ -536,7 +630,7 @@ def _log_attempt(out_dir: Path) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def _trial_setup(config: dict, ctx: dict, trial_id: str):
+def _trial_setup(config: dict, ctx: dict, trial_id: str, out_dir: str | Path | None = None):
     from bench.config import resolve_config
 
     method, seed = config["method"], int(config["seed"])
@@ -545,7 +639,7 @@ def _trial_setup(config: dict, ctx: dict, trial_id: str):
     dataset = sampled.get("dataset", fixed.get("dataset"))
     overrides = {**fixed, **ctx.get("per_dataset", {}).get(method, {}).get(dataset, {}), **sampled, "seed": seed}
     name = trial_dir_name(method, seed, trial_id)
-    out_dir = Path(ctx["results"]) / name
+    out_dir = Path(out_dir) if out_dir is not None else Path(ctx["results"]) / name
     swept = {"method": method, "seed": seed, **sampled}
     sweep_info = {"name": ctx["name"], "trial_id": trial_id, "swept": swept}
     cfg = resolve_config(method, overrides)
@@ -566,7 +660,8 @@ def sweep_trial(config: dict, ctx: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     _quiet_trial_logs()
-    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id)
+    name = trial_dir_name(config["method"], int(config["seed"]), trial_id)
+    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id, _trial_out_dir(ctx, name))
     from bench.trial import is_pool_config, run_trial, write_error_result
 
     if is_pool_config(cfg):
@@ -574,14 +669,11 @@ def sweep_trial(config: dict, ctx: dict) -> None:
     if ctx["workers"] > 1:
         return _multi_worker_trial(config, ctx, trial_id, cfg, out_dir)
 
-    _restore_checkpoint(out_dir)
+    _restore_checkpoint(tune.get_checkpoint(), out_dir)
     _log_attempt(out_dir)
-    reported = []
 
     def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
-        ckpt = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-        tune.report(_report_metrics(row, metric), checkpoint=ckpt)
-        reported.append(row.get("epoch"))
+        tune.report(_report_metrics(row, metric), checkpoint=_report_dir(out_dir) if ckpt_dir is not None else None)
 
     try:
         result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
@@ -594,8 +686,9 @@ def sweep_trial(config: dict, ctx: dict) -> None:
         from bench.tracking import close_service
 
         close_service()
-    # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done).
-    tune.report(_final_metrics(result, metric))
+    # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done);
+    # the folder goes with it, so that result.json reaches RESULTS through the storage.
+    tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
 
 
 def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, metric: str) -> None:
@@ -614,12 +707,13 @@ def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, 
     except Exception as exc:
         write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise
-    tune.report(_final_metrics(result, metric))
+    tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
 
 
 def _multi_worker_trial(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Path) -> None:
-    """``workers`` DeepSpeed processes, one per Ray Train worker, driven from this Tune trial."""
-    from ray.train import RunConfig, ScalingConfig
+    """``workers`` DeepSpeed processes, one per Ray Train worker, driven from this Tune trial; the workers'
+    reports (metrics and checkpoints, the last with result.json) reach Tune through TuneReportCallback."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -628,59 +722,52 @@ def _multi_worker_trial(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Pa
         resources["GPU"] = ctx["gpus"]
     trainer = TorchTrainer(
         train_worker_loop,
-        train_loop_config={"config": dict(config), "ctx": ctx, "trial_id": trial_id},
+        train_loop_config={"config": dict(config), "ctx": ctx, "trial_id": trial_id, "out_dir": str(out_dir)},
         scaling_config=ScalingConfig(num_workers=ctx["workers"], use_gpu=bool(ctx["gpus"]),
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"train_{trial_id}", storage_path=ctx["storage"],
+                             # a lost worker restarts the group, which resumes from the last reported epoch
+                             failure_config=FailureConfig(max_failures=ctx.get("max_failures", 0)),
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
-    from ray import tune
-
-    done = out_dir / "result.json"
-    if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("status") == "ok":
-            tune.report(_final_metrics(result, ctx["metrics"][config["method"]]))
 
 
 def train_worker_loop(loop_cfg: dict) -> None:
-    """One Ray Train worker: ``run_trial`` as rank RANK of WORLD_SIZE (DeepSpeed reads the torch env vars)."""
+    """One Ray Train worker: ``run_trial`` as this worker's rank. Ray's torch backend has set the torch
+    environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and joined the process group,
+    which DeepSpeed then uses as it is."""
     import ray.train as rt
 
-    tctx = rt.get_context()
-    os.environ["RANK"] = str(tctx.get_world_rank())
-    os.environ["LOCAL_RANK"] = str(tctx.get_local_rank())
-    os.environ["WORLD_SIZE"] = str(tctx.get_world_size())
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:  # Ray's torch backend sets it with init_method="env" (the default)
-        raise RuntimeError("Ray Train did not set MASTER_PORT; cannot join the process group")
+    from bench.engine import local_rank
+
+    _quiet_trial_logs()
     config, ctx, trial_id = loop_cfg["config"], loop_cfg["ctx"], loop_cfg["trial_id"]
-    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id)
+    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id, loop_cfg["out_dir"])
     from bench.trial import run_trial, write_error_result
 
-    rank = tctx.get_world_rank()
-    if rank == 0 and not any((out_dir / "checkpoints").glob("last.rank*.pt")):
-        ckpt = rt.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as src:
-                (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-                for f in Path(src).iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, out_dir / "checkpoints" / f.name)
+    rank = rt.get_context().get_world_rank()
+    # one worker per node reports the trial's folder, which on that node holds every local rank's part of
+    # DeepSpeed's checkpoint; Ray Train merges the nodes' parts into one checkpoint in the storage
+    reports_dir = local_rank() == 0
+    if reports_dir:
+        _restore_checkpoint(rt.get_checkpoint(), out_dir)
 
     def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
-        # Every rank reports its own checkpoint files (last.rankR.pt, best.rankR.pt); Ray merges them.
-        ckpt = rt.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        ckpt = rt.Checkpoint.from_directory(str(out_dir)) if ckpt_dir is not None and reports_dir else None
         rt.report(_report_metrics(row, metric), checkpoint=ckpt)
 
     try:
-        run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
-                  run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True)
+        result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
+                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True)
     except Exception as exc:
         if rank == 0:
             write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise
+    # every worker reports once more (Ray Train counts reports per worker); rank 0's metrics are Tune's,
+    # and its folder, now with result.json, is the last checkpoint
+    ckpt = rt.Checkpoint.from_directory(str(out_dir)) if reports_dir else None
+    rt.report(_final_metrics(result, metric) if rank == 0 else {OBJECTIVE: float("nan")}, checkpoint=ckpt)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from bench.backbones import check_backbone, create_backbone
 from bench.config import config_hash, save_config
-from bench.engine import (build_engine, checkpoint_path, load_checkpoint, load_module_state, restore,
-                          save_checkpoint, train_autocast, trial_device, world)
+from bench.engine import (BEST, broadcast_, build_engine, full_state_dict, load_best, load_full_state,
+                          load_latest, save_best, save_checkpoint, train_autocast, trial_device, world)
 from bench.evaluate import clean_accuracy, pgd_accuracy, robust_metrics
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
@@ -38,6 +38,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of everything random in epoch ``epoch`` (augmentation, attacks' random starts): a function of
+    (seed, epoch) alone, so a trial resumed at that epoch replays it exactly."""
+    return seed * 100_003 + epoch
 
 
 def versions() -> dict[str, str]:
@@ -154,7 +160,7 @@ class Trial:
         cfg = self.cfg
         manifest = read_manifest(self.ds_dir)
         self.manifest = manifest
-        num_classes = cfg.ways if self.method_cls.episodic else manifest["num_classes"]
+        num_classes = self.num_classes = cfg.ways if self.method_cls.episodic else manifest["num_classes"]
         backbone = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained,
                                    image_size=output_size(cfg.transform, manifest, cfg.image_size)[0],
                                    input_resize=cfg.input_resize)
@@ -279,6 +285,7 @@ class Trial:
             batches = (self.train_sampler.sample(epoch * cfg.episodes_per_epoch + i)
                        for i in range(cfg.episodes_per_epoch))
         else:
+            self.train_loader.set_epoch(epoch)  # shard order, shuffle and augmentation of this epoch
             batches = iter(self.train_loader)
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not self.progress or self.rank != 0)
@@ -341,13 +348,11 @@ class Trial:
         self._build()
         self._data()
         start_epoch, self.images_seen, train_s = 0, 0, 0.0
-        last = checkpoint_path(self.ckpt_dir, "last")
-        if last.exists():  # a killed trial resumes from its last finished epoch
-            state = load_checkpoint(last)
-            restore(self.engine, self.method, state)
-            start_epoch = state["epoch"] + 1
-            self.images_seen = state["extra"].get("images_seen", 0)
-            train_s = state["extra"].get("train_s", 0.0)
+        resumed = load_latest(self.engine, self.ckpt_dir)  # weights and optimizer state, on every rank
+        if resumed is not None:  # a killed trial resumes after its last finished epoch
+            self.method.load_state_dict(resumed["method"])
+            start_epoch = resumed["epoch"] + 1
+            self.images_seen, train_s = resumed["images_seen"], resumed["train_s"]
         tracker = None
         if self.track and self.rank == 0:
             from bench.tracking import start_run
@@ -355,25 +360,30 @@ class Trial:
             tracker = start_run(cfg.to_dict(), self.out_dir, run_id=self.run_id, name=self.run_id,
                                 group=self.group, tags=[cfg.method, cfg.dataset, cfg.backbone],
                                 job_type=cfg.method)
-        history = [h for h in self._load_history() if h["epoch"] < start_epoch]
+        history = list(resumed["history"]) if resumed is not None else []
         bar = tqdm(desc=f"{cfg.method} on {cfg.dataset}", initial=start_epoch, total=cfg.epochs, unit="epoch",
                    disable=not self.progress or self.rank != 0)
         for epoch in range(start_epoch, cfg.epochs if self.method.needs_training else start_epoch):
-            torch.manual_seed(cfg.seed * 100_003 + epoch)  # resumable randomness per epoch
+            seed_everything(epoch_seed(cfg.seed, epoch))
             t_epoch = time.time()
             logs = self._train_epoch(epoch)
             train_s += time.time() - t_epoch
-            val = self._validate()
+            # every rank decides on rank 0's validation figures (BN statistics may differ between ranks),
+            # so that all take the same collective steps below
+            val = self._from_rank0(self._validate())
             decision = self.method.end_epoch(epoch, val)
             row = {"epoch": epoch, **logs, **val, "lr": logs.get("lr", self.method.current_lr())}
             history.append(row)
             if decision.is_best:
-                save_checkpoint(self.engine, self.method, self.ckpt_dir, "best", epoch)
-            if decision.reload_best and checkpoint_path(self.ckpt_dir, "best").exists():
-                load_module_state(self.engine, load_checkpoint(checkpoint_path(self.ckpt_dir, "best"))["model"])
+                save_best(self.engine, self.ckpt_dir, epoch)
+            has_best = float((self.ckpt_dir / BEST).exists())
+            if decision.reload_best and self._from_rank0({"best": has_best})["best"]:
+                best = load_best(self.ckpt_dir) if self.rank == 0 else None
+                load_full_state(self.engine, best["model"] if best else None)
             stop = decision.stop or epoch == cfg.epochs - 1
-            save_checkpoint(self.engine, self.method, self.ckpt_dir, "last", epoch,
-                            extra={"images_seen": self.images_seen, "train_s": train_s})
+            save_checkpoint(self.engine, self.ckpt_dir, epoch,
+                            {"epoch": epoch, "method": self.method.state_dict(), "images_seen": self.images_seen,
+                             "train_s": train_s, "history": history})
             if self.rank == 0:
                 write_json_atomic(history, self.out_dir / "history.json")
             if tracker is not None:
@@ -396,14 +406,22 @@ class Trial:
                 tracker.log(row, step=0)
             if self.epoch_callback is not None:
                 self.epoch_callback(row, None)
-        if self.rank != 0:  # evaluation needs no collectives: rank 0 alone evaluates and reports
+        # evaluate the checkpoint that validation selected, else the last weights
+        best = load_best(self.ckpt_dir) if self.rank == 0 else None
+        selected_epoch = best["epoch"] if best else None
+        if self.engine.zero_optimization_partition_weights():
+            # ZeRO-3: each rank holds a partition of the weights and a forward needs every rank; all take
+            # part in gathering the full weights (unless rank 0 has them in best.pt), then rank 0 alone
+            # evaluates a plain copy of the method holding them
+            if not self._from_rank0({"best": float(best is not None)})["best"]:
+                best = {"model": full_state_dict(self.engine)}
+            if self.rank == 0:
+                self.method = self._plain_method(best["model"])
+        elif best is not None:
+            self.engine.module.load_state_dict(best["model"])
+        if self.rank != 0:  # rank 0 alone evaluates and reports
             return {"status": "ok", "rank": self.rank, "history": history}
-        best = checkpoint_path(self.ckpt_dir, "best")
-        selected_epoch = None
-        if best.exists():  # evaluate the checkpoint that validation selected
-            state = load_checkpoint(best)
-            load_module_state(self.engine, state["model"])
-            selected_epoch = state["epoch"]
+        seed_everything(epoch_seed(cfg.seed, cfg.epochs))  # the same attacks however many epochs ran here
         t_eval = time.time()
         # without its test evaluation a trial is a validation-only candidate (a pool member, a merge-search
         # setting): the leaderboard skips it
@@ -441,9 +459,27 @@ class Trial:
             row.update({f"{k}@{target['name']}": v for k, v in val.items()})
         return row
 
-    def _load_history(self) -> list[dict]:
-        path = self.out_dir / "history.json"
-        return json.loads(path.read_text()) if path.exists() else []
+    def _from_rank0(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` as rank 0 has them (same keys on every rank)."""
+        if self.world_size == 1 or not values:
+            return values
+        keys = sorted(values)
+        t = broadcast_(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+        return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+    def _plain_method(self, state: dict[str, torch.Tensor]):
+        """A copy of the trial's method outside DeepSpeed (no ZeRO-3 hooks), holding the full weights
+        ``state`` and the method's own state."""
+        cfg = self.cfg
+        backbone = create_backbone(cfg.backbone, self.num_classes, pretrained=cfg.pretrained,
+                                   image_size=cfg.image_size)
+        method = self.method_cls(cfg, backbone, self.num_classes)
+        method.load_state_dict(self.method.state_dict())
+        model = method.model.to(self.device)
+        if cfg.bf16:  # as build_engine: the trained weights are bf16
+            model.to(torch.bfloat16)
+        model.load_state_dict(state)
+        return method
 
     def _identity(self) -> dict[str, Any]:
         cfg = self.cfg

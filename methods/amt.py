@@ -183,6 +183,11 @@ class AMT(ProtoNetLoRA):
             self.load_pool(cfg.pool_dir)
 
     # --- training -----------------------------------------------------------------------------------
+    def start_epoch(self, ctx):
+        # the attack's noise is a function of (seed, epoch): a trial resumed at this epoch replays it
+        self._gen.manual_seed(self.cfg.seed * 100_003 + ctx.epoch)
+        return super().start_epoch(ctx)
+
     def adversarial_queries(self, module, sx, sy, qx, ways) -> torch.Tensor:
         cfg = self.cfg
         with eval_mode(module), _no_param_grad(module):

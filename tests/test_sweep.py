@@ -1,5 +1,6 @@
-"""Ray Tune sweeps: schema validation, ASHA, resume after a kill, error trials, a 2-node cluster with a lost
-node, and a 2-worker DeepSpeed ZeRO-2 trial (TorchTrainer inside Tune) against a 1-worker one.
+"""Ray Tune sweeps: schema validation, ASHA, resume after a kill, error trials, a 2-node ``ray start``
+cluster without a shared results folder that loses a node, and a 2-worker DeepSpeed ZeRO-2 trial
+(TorchTrainer inside Tune) against a 1-worker one.
 
 Local Ray with at most 2 CPUs; backbone tiny_cnn and the rft/ft baselines with tiny budgets.
 """
@@ -205,46 +206,117 @@ def test_kill_and_resume(tmp_path, shards_root):
     assert (res / "leaderboard.md").exists()
 
 
-@pytest.mark.slow
-def test_two_node_cluster_and_node_loss(tmp_path, shards_root):
-    from ray.cluster_utils import Cluster
+class RayStartCluster:
+    """A cluster of ``ray start`` nodes on this machine, as a user starts one on several: every node has its
+    own temp dir (so its own session folder, logs and trial folders) and its own ports; token
+    authentication as Ray 2.60 enables it, with a token of the test's own (RAY_AUTH_TOKEN_PATH), never
+    ~/.ray/auth_token. Nodes are stopped by killing the processes that name their temp dir (never
+    ``ray stop``, which would stop every Ray on the machine)."""
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
-    cluster.wait_for_nodes()
+    def __init__(self):
+        import secrets
+        import tempfile
+
+        # short: a node's socket paths (TEMP/session_<date>_<pid>/sockets/...) must fit in 107 bytes
+        self.root = root = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+        token = root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        # what every node and the driver needs: token mode, and where the token is
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                        RAY_USAGE_STATS_ENABLED="0")
+        self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("PYTHONPATH", None)  # the code reaches the workers through the runtime_env, not this
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: list[Path] = []
+
+    def _ports(self) -> list[str]:
+        names = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
+                 "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port")
+        out = [a for name in names for a in (name, str(_free_port()))]
+        low = 20000 + (os.getpid() * 37 + len(self.nodes) * 211) % 30000
+        return out + ["--min-worker-port", str(low), "--max-worker-port", str(low + 200)]
+
+    def start(self, name: str, num_cpus: int, head: bool = False) -> Path:
+        temp = self.root / name
+        ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--temp-dir", str(temp), "--num-cpus",
+               str(num_cpus), "--disable-usage-stats", *self._ports()]
+        if head:
+            ray += ["--head", "--port", str(self.port), "--include-dashboard", "false",
+                    "--dashboard-port", str(_free_port())]
+        else:
+            ray += ["--address", self.address]
+        self.nodes.append(temp)
+        out = subprocess.run(ray, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return temp
+
+    def kill(self, temp: Path, sig=signal.SIGKILL) -> int:
+        import psutil
+
+        n = 0
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(str(temp) in part for part in proc.info["cmdline"] or []):
+                    proc.send_signal(sig)
+                    n += 1
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return n
+
+    def shutdown(self) -> None:
+        import shutil
+
+        for temp in reversed(self.nodes):
+            self.kill(temp)
+        time.sleep(1)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    from bench.engine import free_port
+
+    return free_port()
+
+
+@pytest.mark.slow
+def test_ray_start_cluster_without_shared_disk_and_node_loss(tmp_path, shards_root):
+    """A head (no CPUs) and a worker started with ``ray start``; the sweep's trial runs on the worker in a
+    folder of that node and reaches --results only through Tune's storage (--storage). The worker is
+    killed after the trial's first epoch; a new worker joins, and the trial finishes there from its
+    checkpoint in the storage."""
+    cluster = RayStartCluster()
     try:
-        path = write_sweep(tmp_path, "nodes", fixed={"epochs": 4}, space={"lr": {"grid": [0.01, 0.02]}},
-                           max_failures=3)
-        res = tmp_path / "res"
-        proc = subprocess.Popen(sweep_cmd(path, "--results", res, "--address", cluster.address, "--no-leaderboard"),
-                                cwd=ROOT, env=_env(shards_root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cluster.start("head", 0, head=True)
+        first = cluster.start("worker1", 1)
+        path = write_sweep(tmp_path, "nodes", fixed={"epochs": 4}, max_failures=3)
+        res, storage = tmp_path / "res", tmp_path / "storage"
+        proc = subprocess.Popen(sweep_cmd(path, "--results", res, "--storage", storage, "--address",
+                                          cluster.address, "--no-leaderboard", "--data-root", shards_root),
+                                cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
-        # wait until both trials have finished an epoch (a checkpoint exists), then lose a node
-        deadline = time.time() + 180
-        while time.time() < deadline:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:  # an epoch's files arrived through the storage
             hist = [json.loads(p.read_text()) for p in res.glob("*/history.json")]
-            if len(hist) == 2 and all(len(h) >= 1 for h in hist):
+            if hist and len(hist[0]) >= 1:
                 break
-            time.sleep(0.3)
+            time.sleep(0.5)
         else:
             proc.kill()
-            pytest.fail("trials did not start on the cluster")
-        victim = nodes[0]
-        cluster.remove_node(victim, allow_graceful=False)
-        cluster.add_node(num_cpus=1)  # capacity comes back, as an autoscaler would bring it
-        out, _ = proc.communicate(timeout=240)
+            pytest.fail("no epoch reached the results folder: " + (proc.stdout.read() or "")[-3000:])
+        local = list(first.glob("session_*/artifacts/**/history.json"))
+        assert local, "the trial did not run in the worker's own folder"
+        assert cluster.kill(first) > 0
+        second = cluster.start("worker2", 1)  # capacity comes back, as an autoscaler would bring it
+        out, _ = proc.communicate(timeout=420)
         assert proc.returncode == 0, out[-4000:]
-        files = results_of(res)
-        assert len(files) == 2 and all(r["status"] == "ok" for r in files.values()), files
-        attempts = {name: [json.loads(line) for line in (res / name / "attempts.jsonl").read_text().splitlines()]
-                    for name in files}
-        nodes_used = {a["node_id"] for runs in attempts.values() for a in runs}
-        assert len(nodes_used) >= 2  # trials landed on both nodes
-        retried = [runs for runs in attempts.values() if len(runs) > 1]
-        assert retried, attempts  # the trial on the lost node was retried ...
-        assert retried[0][-1]["start_epoch"] >= 1  # ... from its checkpoint, not from scratch
-        for r in files.values():
-            assert [h["epoch"] for h in r["history"]] == [0, 1, 2, 3]
+        ((name, r),) = results_of(res).items()
+        assert r["status"] == "ok" and [h["epoch"] for h in r["history"]] == [0, 1, 2, 3]
+        assert (res / name / "checkpoints" / "latest").read_text() == "epoch0003"
+        attempts = [json.loads(line) for line in (res / name / "attempts.jsonl").read_text().splitlines()]
+        assert len(attempts) >= 2 and attempts[-1]["start_epoch"] >= 1, attempts  # resumed, not restarted
+        assert attempts[0]["node_id"] != attempts[-1]["node_id"]
+        assert list(second.glob("session_*/artifacts/**/result.json"))  # finished on the new worker
     finally:
         cluster.shutdown()
 
@@ -285,8 +357,8 @@ def test_two_worker_deepspeed_zero2_matches_one_worker(tmp_path, small_shard_roo
         ((name, r),) = results_of(res).items()
         assert r["status"] == "ok"
         losses[workers] = [h["train_loss"] for h in r["history"]]
-        if workers == 2:
-            assert (res / name / "checkpoints" / "last.rank1.pt").exists()  # every rank saves its checkpoint
+        if workers == 2:  # every rank saved its part of DeepSpeed's checkpoint
+            assert (res / name / "checkpoints" / "epoch0002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
     assert len(losses[1]) == len(losses[2]) == 3
     for a, b in zip(losses[1], losses[2]):
         assert abs(a - b) <= 0.05 * max(abs(a), 1e-3), losses
