@@ -266,6 +266,16 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def sync_buffers(engine) -> None:
+    """Rank 0's buffers (BN running statistics) to every rank, as DDP does. Ranks that saw other batches
+    would otherwise keep statistics of their own, which the eval-mode attacks of the next epoch use and
+    which a resumed run, loading rank 0's from the checkpoint, could not reproduce."""
+    _, world_size = world()
+    if world_size > 1:
+        for b in engine.module.buffers():
+            broadcast_(b.data)
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 

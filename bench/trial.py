@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from bench.backbones import check_backbone, create_backbone
 from bench.config import config_hash, save_config
 from bench.engine import (BEST, broadcast_, build_engine, full_state_dict, load_best, load_full_state,
-                          load_latest, save_best, save_checkpoint, train_autocast, trial_device, world)
+                          load_latest, save_best, save_checkpoint, sync_buffers, train_autocast, trial_device,
+                          world)
 from bench.evaluate import clean_accuracy, pgd_accuracy, robust_metrics
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
@@ -161,9 +162,7 @@ class Trial:
         manifest = read_manifest(self.ds_dir)
         self.manifest = manifest
         num_classes = self.num_classes = cfg.ways if self.method_cls.episodic else manifest["num_classes"]
-        backbone = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained,
-                                   image_size=output_size(cfg.transform, manifest, cfg.image_size)[0],
-                                   input_resize=cfg.input_resize)
+        backbone = self._new_backbone()
         self.method = self.method_cls(cfg, backbone, num_classes)
         model = self.method.model.to(self.device)  # channels_last weights: build_engine decides
         optimizer = self.method.make_optimizer()
@@ -173,6 +172,12 @@ class Trial:
             from bench.engine import PlainEngine
 
             self.engine = PlainEngine(model, optimizer)
+
+    def _new_backbone(self):
+        cfg = self.cfg
+        return create_backbone(cfg.backbone, self.num_classes, pretrained=cfg.pretrained,
+                               image_size=output_size(cfg.transform, self.manifest, cfg.image_size)[0],
+                               input_resize=cfg.input_resize)
 
     def _data(self):
         cfg = self.cfg
@@ -368,6 +373,7 @@ class Trial:
             t_epoch = time.time()
             logs = self._train_epoch(epoch)
             train_s += time.time() - t_epoch
+            sync_buffers(self.engine)  # what the checkpoint keeps is what every rank goes on with
             # every rank decides on rank 0's validation figures (BN statistics may differ between ranks),
             # so that all take the same collective steps below
             val = self._from_rank0(self._validate())
@@ -471,9 +477,7 @@ class Trial:
         """A copy of the trial's method outside DeepSpeed (no ZeRO-3 hooks), holding the full weights
         ``state`` and the method's own state."""
         cfg = self.cfg
-        backbone = create_backbone(cfg.backbone, self.num_classes, pretrained=cfg.pretrained,
-                                   image_size=cfg.image_size)
-        method = self.method_cls(cfg, backbone, self.num_classes)
+        method = self.method_cls(cfg, self._new_backbone(), self.num_classes)
         method.load_state_dict(self.method.state_dict())
         model = method.model.to(self.device)
         if cfg.bf16:  # as build_engine: the trained weights are bf16

@@ -39,20 +39,35 @@ def _launch(nproc: int, shards: Path, root: Path, mode: str, cases: list[str]) -
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shards_root) -> dict[int, tuple[Path, Path]]:
+def shards16(tmp_path_factory) -> Path:
+    """The digits data in 16-sample shards: the 32 training samples of a case are two shards, one per
+    rank at two processes (shards are split by rank)."""
+    from data_shards import digits as D
+    from data_shards.writer import write_dataset
+
+    root = tmp_path_factory.mktemp("shards16")
+    X, y = D.digits_arrays()
+    splits = D._splits(y)
+    write_dataset(root / "digits", "digits", {s: ((X[i], int(y[i])) for i in idx) for s, idx in splits.items()},
+                  classes=[str(c) for c in range(10)], image_format="png", maxcount=16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shards16) -> dict[int, tuple[Path, Path]]:
     """Per process count: (straight-through root, stopped-and-resumed root)."""
     out = {}
     for nproc in sorted({n for n, _, _ in CASES}):
         cases = [f"{s}:{b}" for n, s, b in CASES if n == nproc]
         straight, resumed = tmp_path_factory.mktemp(f"straight{nproc}"), tmp_path_factory.mktemp(f"resumed{nproc}")
-        done = _launch(nproc, shards_root, straight, "run", cases)
+        done = _launch(nproc, shards16, straight, "run", cases)
         assert done.returncode == 0, done.stderr[-4000:]
-        stopped = _launch(nproc, shards_root, resumed, "stop", cases)
+        stopped = _launch(nproc, shards16, resumed, "stop", cases)
         assert stopped.returncode != 0  # the last case was SIGKILLed
         for case in cases:  # every case stopped after epoch 0, with that epoch's checkpoint named
             d = resumed / f"z{case.replace(':', '_bf')}"
             assert not (d / "result.json").exists() and (d / "checkpoints" / "latest").read_text() == "epoch0000"
-        again = _launch(nproc, shards_root, resumed, "run", cases)
+        again = _launch(nproc, shards16, resumed, "run", cases)
         assert again.returncode == 0, again.stderr[-4000:]
         out[nproc] = (straight, resumed)
     return out
@@ -79,3 +94,35 @@ def test_resumed_trial_ends_as_straight_one(runs, nproc, stage, bf16):
     # only the newest epoch is kept, and `latest` names it
     ckpt = resumed / "checkpoints"
     assert (ckpt / "latest").read_text() == f"epoch{EPOCHS - 1:04d}" and not (ckpt / "epoch0000").exists()
+
+
+def test_plain_engine_checkpoint_round_trip(tmp_path):
+    """PlainEngine (tests without DeepSpeed) keeps DeepSpeed's checkpoint interface: the same functions
+    save and resume it, momentum included."""
+    from torch import nn
+
+    from bench.engine import PlainEngine, epoch_tag, full_state_dict, load_latest, save_checkpoint
+
+    def make(seed=0):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+        return PlainEngine(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+    def step(engine, i):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+        engine.backward(nn.functional.cross_entropy(engine(x), y))
+        engine.step()
+
+    a = make()
+    for i in range(3):
+        step(a, i)
+    assert load_latest(a, tmp_path) is None  # nothing saved yet
+    tag = save_checkpoint(a, tmp_path, 2, {"epoch": 2, "method": {"best_val": 0.5}})
+    assert tag == epoch_tag(2) and (tmp_path / "latest").read_text() == tag
+    b = make(seed=1)  # other initial weights, no momentum
+    assert load_latest(b, tmp_path) == {"epoch": 2, "method": {"best_val": 0.5}}
+    step(a, 3)
+    step(b, 3)  # moves identically only if the momentum buffers came back
+    for k, v in full_state_dict(a).items():
+        torch.testing.assert_close(full_state_dict(b)[k], v, rtol=0, atol=0, msg=k)
