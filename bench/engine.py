@@ -259,10 +259,14 @@ def _load_weights_only(engine) -> None:
 
 
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """In-place broadcast from ``src``; bf16 travels as int16 bits (gloo has no bf16 reductions or copies)."""
+    """``t`` overwritten in place with rank ``src``'s values. Its bytes travel: gloo refuses some dtypes
+    (bf16; "Invalid scalar type" for a BN layer's 0-dim int64 step counter)."""
     import torch.distributed as dist
 
-    dist.broadcast(t.view(torch.int16) if t.dtype == torch.bfloat16 else t, src=src)
+    raw = t.detach().reshape(-1).contiguous().view(torch.uint8).clone()
+    dist.broadcast(raw, src=src)
+    with torch.no_grad():
+        t.copy_(raw.view(t.dtype).reshape(t.shape))
     return t
 
 
