@@ -272,13 +272,17 @@ class Trial:
         # that these passes leave the training epochs' data order as it is.
         if getattr(self, "_aug_loader", None) is None:
             self._aug_loader = copy.copy(self.train_loader)
-            self._aug_loader.seed, self._aug_loader.epoch = self.train_loader.seed + 7919, 0
+            self._aug_loader.seed = self.train_loader.seed + 7919
+        # each pass a function of (seed, epoch, pass within the epoch), so a resumed epoch replays it
+        self._aug_loader.set_epoch(self._epoch * 1_000 + self._aug_passes)
+        self._aug_passes += 1
         for x, y in self._aug_loader:
             yield x.to(self.device), y.to(self.device)
 
     # --- one epoch -------------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
+        self._epoch, self._aug_passes = epoch, 0
         ctx = TrainContext(epoch=epoch, steps_per_epoch=self.steps_per_epoch, device=self.device,
                            train_batches=self._train_batches,
                            augmented_train_batches=None if self.method_cls.episodic else self._augmented_train_batches)
