@@ -59,6 +59,7 @@ COLUMNS = [
     ("fs_clean_ci95", "FS clean ±ci95", "num"),
     ("fs_adv_acc", "FS adv", "acc"),
     ("fs_adv_ci95", "FS adv ±ci95", "num"),
+    ("fs_autoattack_acc", "FS AutoAttack", "acc"),
     ("wall_s", "wall s", "num"),
     ("images_per_s", "images/s", "num"),
     ("device", "device", "str"),
@@ -301,7 +302,7 @@ def group_records(records: list[dict]) -> list[dict]:
             row[name], row[name + "_std"] = m, s
         for name in ("pgd_steps", "eps", "autoattack_version", "n_eval"):
             row[name] = _common([_get(r, "metrics", name) for r in recs])
-        for name in ("clean_acc", "adv_acc"):
+        for name in ("clean_acc", "adv_acc", "autoattack_acc"):
             m, s, _ = _stats([_get(r, "fewshot", name) for r in recs])
             row["fs_" + name], row["fs_" + name + "_std"] = m, s
             row["fs_" + name.replace("_acc", "") + "_ci95"] = _stats(

@@ -331,7 +331,7 @@ class Trial:
             attack = adversarial and cfg.val_pgd_steps > 0  # PGD-val_pgd_steps on the validation queries
             out = evaluate_fewshot(self.method, sampler, cfg.val_episodes,
                                    replace(cfg, eval_pgd_steps=cfg.val_pgd_steps), attack=attack,
-                                   device=self.device, progress=False)
+                                   device=self.device, progress=False, autoattack="off")
             val = {"val_fewshot_acc": out["clean_acc"]}
             if attack:
                 val["val_fewshot_pgd_acc"] = out["adv_acc"]

@@ -5,20 +5,21 @@ One trial trains one pool member at one attack strength (``member_eps``, in /255
 pool runner (``bench/amt_pool.py``) trains ``pool_size`` members as separate trials and writes a pool
 manifest; a trial with ``pool_dir`` set merges the members per test episode (``methods/merge.py``).
 
-Training step (Algorithm 1, the reference code's order):
-1. adversarial queries: the pyramid patch attack maximising KL(p(x_adv) || p(x)) in eval mode, only the
+Training step (Algorithm 1, the authors' code's order):
+1. adversarial queries: the pyramid patch attack maximising KL(p_clean || p_adv) in eval mode, only the
    queries attacked, prototypes from the clean support;
-2. weight perturbation on the LoRA factors (AWP-style, "on singular values and vectors"): the gradient of
-   the loss at the current point gives, per LoRA tensor, ``delta = eta1 * ||w|| * g / ||g||`` (the reference's
-   proxy SGD step rescaled to ||w||/||d||); ``w += delta`` in place under no_grad, before any forward that
-   autograd keeps;
-3. loss CE(f(x_q), y) + lambda_adv * KL(p(x_adv) || p(x_q)) at the perturbed point; ``engine.backward``,
-   ``engine.step``; the perturbation is removed after the step.
+2. support features at the current weights w (kept for the loss), then the weight perturbation on the LoRA
+   factors (AWP-style, "on singular values and vectors"): the gradient of the query-path loss at w with the
+   prototypes detached (the authors' ``calc_awp(supp_f.detach(), ...)``) gives, per LoRA tensor,
+   ``delta = eta1 * ||w|| * g / ||g||`` (their proxy SGD step rescaled to ||w||/||d||);
+3. loss CE(f(x_q), y) + lambda_adv * KL(p_clean || p_adv), the queries at w + delta (parameter overrides,
+   the weights themselves never move), the support at w; ``engine.backward``, ``engine.step``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -36,13 +37,30 @@ from methods.registry import register_method
 log = logging.getLogger(__name__)
 
 
+# The paper's text and the released code's defaults disagree on the training budget; which one produced the
+# published numbers is not recorded in the release (its configs/ folder is missing). Both are offered.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"epochs": 30, "lr": 5e-4, "train_attack_steps": 2, "train_step_frac": 0.1},
+    "code": {"epochs": 100, "lr": 5e-5, "train_attack_steps": 10, "train_step_frac": 0.0},  # step 2/255
+}
+PYRAMID_PROJECTIONS = ("reference", "projected")
+
+
 @dataclass
 class AMTConfig(ProtoNetLoRAConfig):
+    # recipe: "paper" (the paper's text: 30 epochs, lr 5e-4, 2 attack steps of eps/10) or "code" (the released
+    # code's defaults: 100 epochs, lr 5e-5, 10 attack steps of 2/255); the four fields below left None take it.
+    recipe: str = "paper"
+    epochs: int | None = None
+    lr: float | None = None
+    train_attack_steps: int | None = None  # pyramid attack steps during meta-tuning
+    train_step_frac: float | None = None  # attack step = frac * member eps; 0: the absolute train_step_size
     lambda_adv: float = 6.0  # weight of the KL term (TRADES-style beta)
-    train_attack_steps: int = 2  # pyramid attack steps during meta-tuning (paper: 2)
-    train_step_frac: float = 0.1  # attack step = frac * member eps (paper: eps/10)
     pyramid_grids: list[int] = field(default_factory=lambda: [4, 8, 0])  # grid sizes; 0 = full resolution
     pyramid_mults: list[float] = field(default_factory=lambda: [20.0, 10.0, 1.0])
+    # reference: each grid clamped to +-eps, the sum of the scaled grids not projected (up to 31 eps, the
+    # authors' code; the published numbers come from it); projected: the sum also projected onto the eps-ball
+    pyramid_projection: str = "reference"
     awp_eta: float = 1e-4  # eta1: relative size of the LoRA weight perturbation; 0 switches it off
     # pool: one member per attack strength, eps in /255 units (0.01/255 ... 8/255)
     pool_size: int = 4
@@ -58,8 +76,19 @@ class AMTConfig(ProtoNetLoRAConfig):
     merge_aug_p: float = 0.9  # DiffAugment probability for support scoring
     merge_seed: int = 1234
 
+    def __post_init__(self) -> None:
+        for name, value in RECIPES.get(self.recipe, RECIPES["paper"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r}; valid: {', '.join(RECIPES)}")
         super().validate()
+        if self.pyramid_projection not in PYRAMID_PROJECTIONS:
+            raise ValueError(f"pyramid_projection={self.pyramid_projection!r}; valid: {', '.join(PYRAMID_PROJECTIONS)}")
+        if self.train_step_frac < 0:
+            raise ValueError(f"train_step_frac={self.train_step_frac} must be >= 0 (0: absolute train_step_size)")
         if self.pool_size <= 0 or self.pool_size > len(self.pool_eps):
             raise ValueError(f"pool_size={self.pool_size} must be in 1..len(pool_eps)={len(self.pool_eps)}")
         if len(self.pyramid_grids) != len(self.pyramid_mults):
@@ -80,7 +109,8 @@ class AMTConfig(ProtoNetLoRAConfig):
 POOL_ONLY_FIELDS = ("pool_size", "pool_eps", "member_eps", "pool_dir", "adapter_path", "merge_top_k",
                     "merge_lambda", "merge_beta", "trim_rho", "trim_modules", "merge_aug_p", "merge_seed",
                     "episodes", "n_eval", "eval_pgd_steps", "autoattack_version", "test_time_ft_steps",
-                    "test_time_ft_lr", "test_time_ft_aug_p", "target_datasets")
+                    "test_time_ft_lr", "test_time_ft_aug_p", "target_datasets",
+                    "fewshot_autoattack")
 
 
 def pool_eps_list(cfg: AMTConfig) -> list[float]:
@@ -95,11 +125,12 @@ def pool_eps_list(cfg: AMTConfig) -> list[float]:
     return [eps[i] for i in idx]
 
 
-def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(p) || softmax(q)), mean over the batch."""
-    logp = F.log_softmax(p_logits.float(), 1)
-    logq = F.log_softmax(q_logits.float(), 1)
-    return (logp.exp() * (logp - logq)).sum(1).mean()
+def kl_clean_adv(adv_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_adv) summed over classes, mean over the queries: the authors'
+    ``KLDivLoss(reduction="sum")(log_softmax(adv), softmax(clean)) / B``. The gradient flows through both."""
+    log_p_adv = F.log_softmax(adv_logits.float(), 1)
+    log_p_clean = F.log_softmax(clean_logits.float(), 1)
+    return (log_p_clean.exp() * (log_p_clean - log_p_adv)).sum() / adv_logits.shape[0]
 
 
 class _no_param_grad:
@@ -118,15 +149,20 @@ class _no_param_grad:
 
 def pyramid_attack(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, clean_logits: torch.Tensor,
                    *, eps: float, steps: int, step_size: float, grids=(4, 8, 0), mults=(20.0, 10.0, 1.0),
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pyramid patch attack maximising KL(p(x_adv) || p(x)) (untargeted; only the gradient of x_adv's deltas).
+                   projection: str = "reference", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pyramid patch attack maximising KL(p_clean || p_adv) (untargeted; only the gradient of the deltas).
 
     One delta per grid (g x g patches, 0 = full resolution), upsampled (nearest) and multiplied by its
-    multiplier; every grid is clamped to [-eps, eps] after each sign step, and (unlike the reference, whose sum
-    of multiplied grids can reach (20+10+1) * eps) the summed perturbation is projected onto the eps-ball and
-    [0, 1]. Deltas start small and random (a KL gradient is zero at x_adv = x). The caller picks the mode
-    and freezes parameters. Returns a detached tensor.
+    multiplier; every grid is clamped to [-eps, eps] after each sign step. ``projection="reference"`` (the
+    authors' code) adds the sum of the scaled grids as it is, so a pixel can move by up to sum(mults) * eps
+    (31 eps with 20, 10, 1) before the [0, 1] clamp: a wider threat model than the nominal eps.
+    ``"projected"`` also projects the sum onto the eps-ball. Pixel-space eps here equals the authors'
+    eps/std on normalised inputs. Deltas start small and random (the KL gradient is zero at x_adv = x, and
+    the authors' default init "random" is not one their code accepts). The caller picks the mode and
+    freezes parameters. Returns a detached tensor.
     """
+    if projection not in PYRAMID_PROJECTIONS:
+        raise ValueError(f"projection={projection!r}; valid: {', '.join(PYRAMID_PROJECTIONS)}")
     x = x.detach()
     if steps <= 0 or eps <= 0:
         return x.clone()
@@ -141,12 +177,14 @@ def pyramid_attack(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     def compose(ds):
         total = sum(m * (d if d.shape[-2:] == (H, W) else F.interpolate(d, size=(H, W), mode="nearest"))
                     for d, m in zip(ds, mults))
-        return (x + total.clamp(-eps, eps)).clamp(0.0, 1.0)
+        if projection == "projected":
+            total = total.clamp(-eps, eps)
+        return (x + total).clamp(0.0, 1.0)
 
     for _ in range(steps):
         for d in deltas:
             d.requires_grad_(True)
-        loss = kl_div(logits_fn(compose(deltas)), clean_logits)
+        loss = kl_clean_adv(logits_fn(compose(deltas)), clean_logits)
         grads = torch.autograd.grad(loss, deltas)
         with torch.no_grad():
             deltas = [(d + step_size * g.sign()).clamp(-eps, eps) for d, g in zip(deltas, grads)]
@@ -154,12 +192,26 @@ def pyramid_attack(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         return compose(deltas).detach()
 
 
-def _updates_module_in_place(engine) -> bool:
-    """Whether ``engine.step`` updates the module's parameters in place (plain fp32, ZeRO 0). With ZeRO >= 1
-    or bf16/fp16 the optimizer steps an fp32 master copy and copies it back, which drops the perturbation."""
-    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
-    low = getattr(engine, "bfloat16_enabled", lambda: False)() or getattr(engine, "fp16_enabled", lambda: False)()
-    return stage == 0 and not low
+def lora_factors(module: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trainable LoRA factors by name (what the weight perturbation moves; the authors' ``'lora' in name``
+    tensors of two or more dimensions)."""
+    return [(n, p) for n, p in module.named_parameters()
+            if p.requires_grad and ("lora_A" in n or "lora_B" in n) and p.dim() > 1]
+
+
+def perturbation_fidelity(params: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                          dtype: torch.dtype) -> float:
+    """Cosine between the perturbation realised in ``dtype``, round(w + delta) - round(w), and delta itself,
+    over all tensors: 1 in fp32; near 0 when delta is below the precision's resolution and what is left is
+    rounding noise (bf16 resolves ~3.9e-3 relative, eta1 = 1e-4 is far below it)."""
+    dot = n_real = n_delta = 0.0
+    for n, d in delta.items():
+        w = params[n].detach().float()
+        real = (w + d).to(dtype).float() - w.to(dtype).float()
+        dot += float((real * d).sum())
+        n_real += float(real.pow(2).sum())
+        n_delta += float(d.pow(2).sum())
+    return dot / math.sqrt(n_real * n_delta) if n_real > 0 and n_delta > 0 else float(n_delta == 0)
 
 
 @register_method("amt")
@@ -178,6 +230,7 @@ class AMT(ProtoNetLoRA):
         self._merge_sum: list[float] | None = None  # running sum of merge weights over episodes (summary)
         self._merge_n = 0
         self._warned_zero3 = False
+        self._warned_bf16 = False
         self._gen = torch.Generator().manual_seed(cfg.seed)
         if cfg.pool_dir:
             self.load_pool(cfg.pool_dir)
@@ -188,6 +241,12 @@ class AMT(ProtoNetLoRA):
         self._gen.manual_seed(self.cfg.seed * 100_003 + ctx.epoch)
         return super().start_epoch(ctx)
 
+    def attack_step_size(self) -> float:
+        """eps/10 as the paper (``train_step_frac`` of the member eps), or the absolute ``train_step_size``
+        (the released code's 2/255) when the fraction is 0."""
+        frac = self.cfg.train_step_frac
+        return frac * self.train_eps if frac else self.cfg.train_step_size
+
     def adversarial_queries(self, module, sx, sy, qx, ways) -> torch.Tensor:
         cfg = self.cfg
         with eval_mode(module), _no_param_grad(module):
@@ -195,37 +254,40 @@ class AMT(ProtoNetLoRA):
                 protos = prototypes(module(sx).float(), sy, ways)
                 clean = module.logits(module(qx), protos)
             return pyramid_attack(lambda z: module.logits(module(z), protos), qx, clean, eps=self.train_eps,
-                                  steps=cfg.train_attack_steps, step_size=cfg.train_step_frac * self.train_eps,
-                                  grids=cfg.pyramid_grids, mults=cfg.pyramid_mults, generator=self._gen)
+                                  steps=cfg.train_attack_steps, step_size=self.attack_step_size(),
+                                  grids=cfg.pyramid_grids, mults=cfg.pyramid_mults,
+                                  projection=cfg.pyramid_projection, generator=self._gen)
 
-    def adv_loss(self, feats, n_s, n_q, sy, qy, ways, module):
-        fs, fq, fa = feats[:n_s], feats[n_s:n_s + n_q], feats[n_s + n_q:]
-        protos = prototypes(fs.float(), sy, ways)
+    def query_loss(self, fq, fa, protos, qy, module):
+        """CE(f(x_q), y) + lambda_adv * KL(p_clean || p_adv) against ``protos``; (loss, ce, kl, clean logits)."""
         logits, logits_adv = module.logits(fq, protos), module.logits(fa, protos)
         ce = F.cross_entropy(logits, qy)
-        kl = kl_div(logits_adv, logits)
+        kl = kl_clean_adv(logits_adv, logits)
         return ce + self.cfg.lambda_adv * kl, ce, kl, logits
 
-    def lora_params(self, module) -> list[torch.nn.Parameter]:
-        return [p for n, p in module.named_parameters() if p.requires_grad and ("lora_A" in n or "lora_B" in n)]
+    def weight_perturbation(self, module, xq, protos, qy) -> dict[str, torch.Tensor]:
+        """AWP on the LoRA factors, per tensor ``eta1 * ||w|| * g / ||g||`` (fp32) with g the gradient of the
+        query-path loss at the current weights and ``protos`` fixed (detached): the authors'
+        ``calc_awp(supp_f.detach(), ...)``. ``xq`` is the clean queries then the adversarial ones."""
+        named = lora_factors(module)
+        feats = module(xq)
+        n_q = len(qy)
+        loss = self.query_loss(feats[:n_q], feats[n_q:], protos.detach(), qy, module)[0]
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        delta = {}
+        for (n, p), g in zip(named, grads):
+            if g is None:
+                continue
+            g = g.detach().float()
+            gn = g.norm()
+            if gn > 0:
+                delta[n] = (self.cfg.awp_eta * p.detach().float().norm() / gn) * g
+        return delta
 
-    def weight_perturbation(self, module, x_all, n_s, n_q, sy, qy, ways) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """AWP on the LoRA factors: per tensor ``eta1 * ||w|| * g/||g||`` along the loss gradient, added in
-        place (no graph holds the parameters at this point). Returns (param, delta) pairs to remove later."""
-        params = self.lora_params(module)
-        loss = self.adv_loss(module(x_all), n_s, n_q, sy, qy, ways, module)[0]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        applied = []
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                gn = g.norm()
-                if gn > 0:
-                    d = self.cfg.awp_eta * p.norm() * g / gn
-                    p.add_(d)
-                    applied.append((p, d))
-        return applied
+    def compute_dtype(self, engine) -> torch.dtype:
+        if getattr(engine, "bfloat16_enabled", lambda: False)() or self.cfg.bf16 or self.cfg.bf16_autocast:
+            return torch.bfloat16
+        return torch.float32
 
     @property
     def needs_training(self) -> bool:
@@ -240,24 +302,41 @@ class AMT(ProtoNetLoRA):
         ways = int(sy.max()) + 1
         module = engine.module  # gradients outside engine.backward must not go through engine(x)
         x_adv = self.adversarial_queries(module, sx, sy, qx, ways)
-        x_all = torch.cat([sx, qx, x_adv])
-        perturbation = []
-        if cfg.awp_eta > 0:
-            if getattr(engine, "zero_optimization_stage", lambda: 0)() >= 3:
-                if not self._warned_zero3:
-                    log.warning("AMT: weight perturbation is off under ZeRO-3 (parameters are partitioned)")
-                    self._warned_zero3 = True
-            else:
-                perturbation = self.weight_perturbation(module, x_all, len(sx), len(qx), sy, qy, ways)
-        loss, ce, kl, logits = self.adv_loss(engine(x_all), len(sx), len(qx), sy, qy, ways, module)
+        xq = torch.cat([qx, x_adv])
+        logs: dict[str, float] = {}
+        awp = cfg.awp_eta > 0
+        if awp and getattr(engine, "zero_optimization_stage", lambda: 0)() >= 3:
+            awp = False
+            if not self._warned_zero3:
+                log.warning("AMT: weight perturbation is off under ZeRO-3 (parameters are partitioned)")
+                self._warned_zero3 = True
+        if awp:
+            # The authors' order: support features at w (kept, with their graph, for the loss), the proxy
+            # gradient on the query path with those prototypes detached, then the queries at w + delta.
+            fs = engine(sx)
+            delta = self.weight_perturbation(module, xq, prototypes(fs.detach().float(), sy, ways), qy)
+            params = dict(lora_factors(module))
+            dtype = self.compute_dtype(engine)
+            if dtype != torch.float32:
+                logs["awp_cos"] = perturbation_fidelity(params, delta, dtype)
+                if not self._warned_bf16:
+                    log.warning("AMT: under bf16 the weight perturbation (awp_eta=%g) is mostly rounded away: "
+                                "the realised one has cosine %.2f with the intended one (bf16 resolves ~3.9e-3 "
+                                "relative); train in fp32 for the paper's eta1", cfg.awp_eta, logs["awp_cos"])
+                    self._warned_bf16 = True
+            # w + delta as parameter overrides: the gradient reaches w, and nothing has to be taken back off
+            # after the step (DeepSpeed's bf16/ZeRO master copies never see it).
+            overrides = {n: params[n] + d.to(params[n].dtype) for n, d in delta.items()}
+            fqa = torch.func.functional_call(module, overrides, (xq,), strict=False)
+        else:
+            feats = engine(torch.cat([sx, xq]))
+            fs, fqa = feats[:len(sx)], feats[len(sx):]
+        protos = prototypes(fs.float(), sy, ways)
+        loss, ce, kl, logits = self.query_loss(fqa[:len(qx)], fqa[len(qx):], protos, qy, module)
         engine.backward(loss)
         engine.step()
-        if perturbation and _updates_module_in_place(engine):
-            with torch.no_grad():  # the step moved w + delta; take delta back off
-                for p, d in perturbation:
-                    p.sub_(d)
         return {"train_loss": loss.item(), "train_ce": ce.item(), "train_kl": kl.item(),
-                "train_acc": (logits.argmax(1) == qy).float().mean().item(), "lr": self.current_lr()}
+                "train_acc": (logits.argmax(1) == qy).float().mean().item(), "lr": self.current_lr(), **logs}
 
     def save_adapter(self, path, **meta):
         meta.setdefault("eps", self.cfg.member_eps)
@@ -298,16 +377,20 @@ class AMT(ProtoNetLoRA):
         ways = int(support_y.max()) + 1
         root, prefix = self.model.backbone.encoder, "backbone.encoder."
         states = self._member_states(device)
-        gen = torch.Generator().manual_seed(cfg.merge_seed)
         with eval_mode(self.model):
             if len(states) == 1:
                 weights = torch.ones(1)
             else:
+                # one augmentation draw per episode, shared by every member (each episode's draw comes from
+                # merge_seed, so results do not depend on the order episodes are evaluated in)
+                gen = torch.Generator().manual_seed(cfg.merge_seed)
+                backbone = self.model.backbone
+                aug = diff_augment(support_x, gen, cfg.merge_aug_p, mean=getattr(backbone, "mean", None),
+                                   std=getattr(backbone, "std", None))
                 scores = []
                 for state in states:
                     ov = merged_overrides(root, [state], [1.0], prefix=prefix)
                     f_clean = torch.func.functional_call(self.model, ov, (support_x,), strict=False).float()
-                    aug = diff_augment(support_x, gen, cfg.merge_aug_p)
                     f_aug = torch.func.functional_call(self.model, ov, (aug,), strict=False).float()
                     scores.append(support_score(f_clean, f_aug, support_y, ways, cfg.merge_lambda))
                 weights = merge_weights(torch.tensor(scores), cfg.merge_beta, cfg.merge_top_k)

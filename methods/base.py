@@ -113,6 +113,9 @@ class EpisodicConfig(BaseConfig):
     episodes_per_epoch: int = 500
     episodes: int = 600  # test episodes
     val_episodes: int = 5
+    # AutoAttack on each test episode's queries (bench/fewshot.py), one of AUTOATTACK_VERSIONS; off by default:
+    # the papers report PGD only, and AutoAttack per episode is expensive
+    fewshot_autoattack: str = "off"
     base_classes: list[int] | None = None  # None: the manifest's base split (digits: 0-4)
     novel_classes: list[int] | None = None  # None: the manifest's novel split (digits: 5-9)
     # Test domains, each a data set under the shards root (its test split; its val split for per-domain
@@ -128,6 +131,12 @@ class EpisodicConfig(BaseConfig):
                                                  or len(set(self.target_datasets)) != len(self.target_datasets)):
             raise ValueError(f"target_datasets={self.target_datasets}: give a non-empty list without repeats, "
                              f"or null (the source's novel classes)")
+        if self.fewshot_autoattack not in AUTOATTACK_VERSIONS:
+            raise ValueError(f"fewshot_autoattack={self.fewshot_autoattack!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
+        min_ways = {"standard": 4, "plus": 4, "rand": 3}.get(self.fewshot_autoattack, 2)  # (targeted) DLR loss
+        if self.ways < min_ways:
+            raise ValueError(f"fewshot_autoattack={self.fewshot_autoattack} needs ways >= {min_ways} (DLR loss); "
+                             f"ways={self.ways}")
 
 
 class Episode(NamedTuple):

@@ -1,7 +1,7 @@
 """AMT's test-time merging of a LoRA pool (Algorithm 2; the reference's ``protonet_merge.forward_router``).
 
-Per episode: each member p is scored on the support set (augmented support against clean-support
-prototypes, ``s_p = lam * intra - (1 - lam) * inter``), weighted ``w_p = exp(beta (s_p - 1))`` over the
+Per episode: one DiffAugment draw of the support, shared by every member; each member p is scored on it
+(augmented support against its clean-support prototypes, ``s_p = lam * intra - (1 - lam) * inter``), weighted ``w_p = exp(beta (s_p - 1))`` over the
 top-k members and renormalised, and the network runs with ``W = W_res + sum_p w_p s B_p A_p`` at every
 adapted layer, optionally with singular-value trimming (rank ``floor(rho * min(m, n))``) of the merged
 weights.
@@ -66,19 +66,34 @@ def merged_overrides(root: torch.nn.Module, members: list[dict[str, torch.Tensor
 
 
 def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.9,
-                 translation: float = 0.125) -> torch.Tensor:
-    """DiffAugment's color (brightness, saturation, contrast) and translation, each sample with prob. ``p``."""
+                 mean=None, std=None, translation: float = 0.125) -> torch.Tensor:
+    """The authors' DiffAugment of a batch (``types=['color', 'translation']``): with probability ``p`` (one
+    coin for the whole batch) a horizontal flip of the whole batch with probability 1/2, then per sample
+    brightness, saturation, contrast and a translation with zero padding.
+
+    The authors augment normalised inputs; ``x`` here is in pixel space, so it is normalised with ``mean``
+    and ``std`` (per channel; None: 0 and 1), augmented, and mapped back: the same images the authors'
+    network sees (brightness adds U(-0.5, 0.5) std per channel; padding is the mean colour). No clamp to
+    [0, 1], as theirs has none.
+    """
     n = x.shape[0]
     g = dict(generator=generator, device="cpu")
 
     def r(*shape):
         return torch.rand(*shape, **g).to(x)
 
-    y = x + (r(n, 1, 1, 1) - 0.5)
-    mean = y.mean(1, keepdim=True)
-    y = (y - mean) * (r(n, 1, 1, 1) * 2) + mean
-    mean = y.mean([1, 2, 3], keepdim=True)
-    y = (y - mean) * (r(n, 1, 1, 1) + 0.5) + mean
+    if float(torch.rand((), **g)) >= p:
+        return x
+    mean = torch.as_tensor(0.0 if mean is None else mean).to(x).reshape(1, -1, 1, 1)
+    std = torch.as_tensor(1.0 if std is None else std).to(x).reshape(1, -1, 1, 1)
+    y = (x - mean) / std
+    if float(torch.rand((), **g)) < 0.5:
+        y = y.flip(3)
+    y = y + (r(n, 1, 1, 1) - 0.5)
+    m = y.mean(1, keepdim=True)
+    y = (y - m) * (r(n, 1, 1, 1) * 2) + m
+    m = y.mean([1, 2, 3], keepdim=True)
+    y = (y - m) * (r(n, 1, 1, 1) + 0.5) + m
     H, W = x.shape[-2:]
     sh, sw = int(H * translation + 0.5), int(W * translation + 0.5)
     tx = torch.randint(-sh, sh + 1, (n,), **g)
@@ -88,17 +103,23 @@ def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None, p: f
     cols = (torch.arange(W).view(1, 1, W) + ty.view(n, 1, 1) + 1).clamp(0, W + 1).to(x.device)
     bidx = torch.arange(n, device=x.device).view(n, 1, 1)
     y = padded.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)
-    keep = (r(n, 1, 1, 1) < p).to(x.dtype)
-    return keep * y + (1 - keep) * x
+    return y * std + mean
 
 
 def support_score(feats_clean: torch.Tensor, feats_aug: torch.Tensor, support_y: torch.Tensor, ways: int,
                   lam: float) -> float:
-    """``lam * intra - (1 - lam) * inter``: mean cosine of augmented support to its own clean prototype,
-    and to the other ways' prototypes."""
+    """``lam * intra - (1 - lam) * inter``, class-balanced: intra is the mean over classes of the mean cosine
+    of a class's augmented support to its own clean prototype; inter the same for the mean cosine to the
+    other ways' prototypes (equal to plain means when every class has the same number of shots)."""
     onehot = F.one_hot(support_y, ways).to(feats_clean)
-    protos = (onehot.t() @ feats_clean) / onehot.sum(0).clamp_min(1).unsqueeze(1)
+    counts = onehot.sum(0)
+    protos = (onehot.t() @ feats_clean) / counts.clamp_min(1).unsqueeze(1)
     cos = F.normalize(feats_aug, dim=-1) @ F.normalize(protos, dim=-1).t()  # [Ns, ways]
-    intra = (cos * onehot).sum(1).mean()
-    inter = ((cos * (1 - onehot)).sum(1) / max(ways - 1, 1)).mean() if ways > 1 else cos.new_zeros(())
+    present = counts > 0
+
+    def class_mean(per_sample):
+        return ((onehot.t() @ per_sample) / counts.clamp_min(1))[present].mean()
+
+    intra = class_mean((cos * onehot).sum(1))
+    inter = class_mean((cos * (1 - onehot)).sum(1) / (ways - 1)) if ways > 1 else cos.new_zeros(())
     return float(lam * intra - (1 - lam) * inter)

@@ -51,6 +51,12 @@ class ProtoNetConfig(EpisodicConfig):
     learn_bias: bool = False
     freeze_norm: bool = True  # the frozen backbone's BatchNorm keeps its running statistics during meta-tuning
     select_metric: str = "val_fewshot_acc"
+    # the authors' code (AMT's and PMF's utils/args.py): 2000 training episodes per epoch, 120 validation
+    # episodes per source, training episodes augmented (RandomResizedCrop(128), ColorJitter(0.4), flip; test
+    # Resize(146)+CenterCrop(128))
+    episodes_per_epoch: int = 2000
+    val_episodes: int = 120
+    transform: str = "amt128"
     # test-time fine-tuning on the episode's augmented support (PMF's "finetune" deploy, AMT-FT); 0 steps = off
     test_time_ft_steps: int = 0
     test_time_ft_lr: float = 1e-4
@@ -175,7 +181,8 @@ def finetune_on_support(model: ProtoNet, support_x: torch.Tensor, support_y: tor
     scale, bias = scale.detach().float(), bias.detach().float()
     with eval_mode(model), torch.enable_grad():
         for _ in range(steps):
-            aug = diff_augment(support_x, generator, aug_p)
+            aug = diff_augment(support_x, generator, aug_p, mean=getattr(model.backbone, "mean", None),
+                               std=getattr(model.backbone, "std", None))  # on normalised inputs, as PMF
             feats = torch.func.functional_call(model, {**state, **trained}, (torch.cat([support_x, aug]),),
                                                strict=False).float()
             # prototypes from the clean support under the current weights, gradient through them (as PMF)

@@ -21,7 +21,7 @@ from bench.backbones import create_backbone
 from bench.config import resolve_config
 from bench.fewshot import evaluate_fewshot, mean_ci95
 from methods import get_method
-from methods.amt import AMT, AMTConfig, kl_div, pool_eps_list, pyramid_attack
+from methods.amt import AMT, AMTConfig, kl_clean_adv, pool_eps_list, pyramid_attack
 from methods.attacks import eval_mode
 from methods.base import Episode, TrainContext
 from methods.lora_svd import apply_svd_lora, lora_sites, site_keys, site_weight
@@ -171,13 +171,52 @@ def test_merge_weights_are_exp_beta_s_minus_one_over_top_k(scores, beta, k, expe
     torch.testing.assert_close(w[expected_nonzero], (raw / raw.sum()).float())
 
 
+# --- the KL term ------------------------------------------------------------------------------------
+def reference_kl(adv_logits, clean_logits):
+    """The authors' term: KLDivLoss(sum)(log_softmax(adv), softmax(clean)) over the batch size."""
+    import torch.nn.functional as F
+
+    return nn.KLDivLoss(reduction="sum")(F.log_softmax(adv_logits, 1), F.softmax(clean_logits, 1)) / len(adv_logits)
+
+
+def fixed_logits(seed=0, n=6, ways=5):
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(n, ways, generator=g)).requires_grad_(), (3 * torch.randn(n, ways, generator=g)).requires_grad_()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_is_the_reference_formula_in_value_and_gradient(seed):
+    adv, clean = fixed_logits(seed)
+    ours = kl_clean_adv(adv, clean)
+    ref = reference_kl(adv, clean)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    g_ours = torch.autograd.grad(ours, [adv, clean])
+    g_ref = torch.autograd.grad(ref, [adv, clean])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert g_ours[1].abs().sum() > 0  # the gradient reaches the clean logits too
+    reverse = kl_clean_adv(clean, adv)  # KL(p_adv || p_clean), the direction this suite used before
+    assert not torch.allclose(ours, reverse, rtol=1e-3)
+
+
+def test_amt_query_loss_is_ce_plus_lambda_reference_kl():
+    import torch.nn.functional as F
+
+    method = make_method("amt", lambda_adv=6.0)
+    g = torch.Generator().manual_seed(0)
+    fq, fa = torch.randn(6, 8, generator=g).requires_grad_(), torch.randn(6, 8, generator=g).requires_grad_()
+    protos, qy = torch.randn(3, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss, ce, kl, logits = method.query_loss(fq, fa, protos, qy, method.model)
+    model = method.model
+    ref = F.cross_entropy(model.logits(fq, protos), qy) + 6.0 * reference_kl(model.logits(fa, protos),
+                                                                              model.logits(fq, protos))
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(torch.autograd.grad(loss, [fq, fa]), torch.autograd.grad(ref, [fq, fa])):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 # --- the pyramid attack -----------------------------------------------------------------------------
-@pytest.mark.parametrize("eps, grids, mults", [
-    (8 / 255, [4, 8, 0], [20.0, 10.0, 1.0]),
-    (2 / 255, [4, 8, 0], [20.0, 10.0, 1.0]),
-    (8 / 255, [0], [1.0]),
-])
-def test_pyramid_attack_stays_in_eps_ball_and_raises_kl(eps, grids, mults):
+def attack_setup():
     method = make_method()
     model = method.model.eval()
     sx, sy, qx, qy = episode()
@@ -188,15 +227,41 @@ def test_pyramid_attack_stays_in_eps_ball_and_raises_kl(eps, grids, mults):
     def fn(z):
         return model.logits(model(z), protos)
 
+    return fn, qx, clean
+
+
+@pytest.mark.parametrize("eps, grids, mults, projection, bound", [
+    (8 / 255, [4, 8, 0], [20.0, 10.0, 1.0], "projected", 1.0),
+    (2 / 255, [4, 8, 0], [20.0, 10.0, 1.0], "projected", 1.0),
+    (2 / 255, [4, 8, 0], [20.0, 10.0, 1.0], "reference", 31.0),  # the sum of the scaled grids: up to 31 eps
+    (8 / 255, [0], [1.0], "reference", 1.0),
+])
+def test_pyramid_attack_bounds_and_raises_kl(eps, grids, mults, projection, bound):
+    fn, qx, clean = attack_setup()
     g = torch.Generator().manual_seed(0)
     start = pyramid_attack(fn, qx, clean, eps=eps, steps=0, step_size=eps / 10)
     adv = pyramid_attack(fn, qx, clean, eps=eps, steps=5, step_size=eps / 10, grids=grids, mults=mults,
-                         generator=g)
+                         projection=projection, generator=g)
     assert torch.equal(start, qx)
-    assert (adv - qx).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    moved = (adv - qx).abs().max()
+    assert moved <= bound * eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    if bound > 1:  # the reference threat model is wider than the nominal eps
+        assert moved > 2 * eps
     with torch.no_grad():
-        assert kl_div(fn(adv), clean) > kl_div(fn(qx), clean) + 1e-9
-        assert kl_div(fn(adv), clean) > 0
+        assert kl_clean_adv(fn(adv), clean) > kl_clean_adv(fn(qx), clean) + 1e-9
+
+
+def test_pyramid_projections_agree_on_one_unscaled_grid_and_differ_otherwise():
+    fn, qx, clean = attack_setup()
+    kw = dict(eps=4 / 255, steps=3, step_size=0.4 / 255)
+    single = [pyramid_attack(fn, qx, clean, grids=[0], mults=[1.0], projection=p,
+                             generator=torch.Generator().manual_seed(1), **kw) for p in ("reference", "projected")]
+    assert torch.equal(*single)
+    multi = [pyramid_attack(fn, qx, clean, projection=p, generator=torch.Generator().manual_seed(1), **kw)
+             for p in ("reference", "projected")]
+    assert not torch.equal(*multi)
+    with pytest.raises(ValueError, match="projection"):
+        pyramid_attack(fn, qx, clean, projection="sum", **kw)
 
 
 # --- meta-tuning --------------------------------------------------------------------------------------
@@ -226,7 +291,8 @@ def test_meta_tuning_steps_lower_the_loss_on_a_fixed_episode(name, over):
     assert query_ce(method, ep) < before
 
 
-def test_weight_perturbation_is_removed_after_the_step():
+def test_weight_perturbation_leaves_the_weights_unchanged():
+    """lr 0: the perturbation lives in parameter overrides, so nothing has to be taken back off."""
     method = make_method("amt", lr=0.0, momentum=0.0, member_eps=8.0, awp_eta=0.1)
     engine = PlainEngine(method.model, method.make_optimizer())
     before = {n: p.detach().clone() for n, p in method.model.named_parameters() if p.requires_grad}
@@ -234,6 +300,76 @@ def test_weight_perturbation_is_removed_after_the_step():
     for n, p in method.model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), before[n], atol=1e-6, rtol=0)
+
+
+def awp_reference(method, ep, eta, x_adv):
+    """The authors' step written out with two copies of the model: support features at w, the proxy gradient
+    of the query path with the prototypes detached, delta = eta ||w|| g/||g||, queries at w + delta; returns
+    (delta, gradient of the final loss per LoRA factor)."""
+    from methods.amt import lora_factors
+
+    sx, sy, qx, qy = ep
+    at_w = copy.deepcopy(method.model).train()
+    names = [n for n, _ in lora_factors(at_w)]
+    fs = at_w(sx)
+    protos = prototypes(fs.detach().float(), sy, 3)
+    fq = at_w(torch.cat([qx, x_adv]))
+    proxy = method.query_loss(fq[:len(qx)], fq[len(qx):], protos, qy, at_w)[0]
+    grads = torch.autograd.grad(proxy, [at_w.get_parameter(n) for n in names])
+    delta = {n: eta * at_w.get_parameter(n).detach().norm() / g.norm() * g for n, g in zip(names, grads)}
+    at_wd = copy.deepcopy(method.model).train()
+    with torch.no_grad():
+        for n in names:
+            at_wd.get_parameter(n).add_(delta[n])
+    fqa = at_wd(torch.cat([qx, x_adv]))
+    loss = method.query_loss(fqa[:len(qx)], fqa[len(qx):], prototypes(fs.float(), sy, 3), qy, at_w)[0]
+    g_w = torch.autograd.grad(loss, [at_w.get_parameter(n) for n in names], retain_graph=True)
+    g_wd = torch.autograd.grad(loss, [at_wd.get_parameter(n) for n in names])
+    return delta, {n: a + b for n, a, b in zip(names, g_w, g_wd)}
+
+
+def test_weight_perturbation_and_step_follow_the_authors_order():
+    """One SGD step (lr 1, no momentum) moves each LoRA factor by minus the gradient of the loss with the
+    support at w and the queries at w + delta, delta from the query path with detached prototypes."""
+    eta = 0.05
+    method = make_method("amt", lr=1.0, momentum=0.0, member_eps=8.0, awp_eta=eta)
+    ep = episode()
+    method.model.train()
+    state = method._gen.get_state()
+    x_adv = method.adversarial_queries(method.model, ep.support_x, ep.support_y, ep.query_x, 3)
+    method._gen.set_state(state)
+    delta, grad = awp_reference(method, ep, eta, x_adv)
+    protos = prototypes(method.model(ep.support_x).detach().float(), ep.support_y, 3)
+    ours = method.weight_perturbation(method.model, torch.cat([ep.query_x, x_adv]), protos, ep.query_y)
+    assert set(ours) == set(delta)
+    for n in delta:
+        torch.testing.assert_close(ours[n], delta[n], atol=1e-7, rtol=1e-4)
+    before = {n: method.model.get_parameter(n).detach().clone() for n in grad}
+    engine = PlainEngine(method.model, method.make_optimizer())
+    method.train_step(engine, ep, TrainContext(epoch=0, step=0, steps_per_epoch=4))
+    for n, g in grad.items():
+        torch.testing.assert_close(method.model.get_parameter(n).detach(), before[n] - g, atol=1e-5, rtol=1e-4)
+
+
+def test_weight_perturbation_is_measured_under_bf16():
+    """eta1 = 1e-4 is below bf16's resolution (~3.9e-3 relative): what survives rounding is mostly noise
+    (cosine with the intended perturbation far from 1), and a bf16 run logs that cosine."""
+    from methods.amt import perturbation_fidelity
+
+    g = torch.Generator().manual_seed(0)
+    w = {"a": torch.randn(64, 64, generator=g)}
+    for eta, dtype, low, high in [(1e-4, torch.float32, 0.999, 1.001), (1e-4, torch.bfloat16, -0.5, 0.5),
+                                  (1e-1, torch.bfloat16, 0.99, 1.001)]:
+        d = {"a": eta * w["a"].norm() * torch.randn(64, 64, generator=g) / 64}
+        assert low <= perturbation_fidelity(w, d, dtype) <= high, (eta, dtype)
+    method = make_method("amt", member_eps=8.0, bf16_autocast=True)
+    engine = PlainEngine(method.model, method.make_optimizer())
+    logs = method.train_step(engine, episode(), TrainContext(epoch=0, step=0, steps_per_epoch=4))
+    assert -1.0 <= logs["awp_cos"] < 0.9
+    fp32 = make_method("amt", member_eps=8.0)
+    logs = fp32.train_step(PlainEngine(fp32.model, fp32.make_optimizer()), episode(),
+                           TrainContext(epoch=0, step=0, steps_per_epoch=4))
+    assert "awp_cos" not in logs
 
 
 def test_lr_schedule_warms_up_then_cosine():
@@ -250,6 +386,8 @@ def test_configs_carry_the_paper_defaults():
     assert (c.lambda_adv, c.train_attack_steps, c.train_step_frac, c.awp_eta, c.pool_size) == (6.0, 2, 0.1, 1e-4, 4)
     assert c.pool_eps == [0.01, 0.1, 6.0, 8.0] and c.merge_top_k == 2 and c.trim_rho == 1.0
     assert c.scale_init == 10.0 and c.select_metric == "val_fewshot_acc"
+    # the authors' code: 2000 training episodes per epoch, 120 validation episodes, augmented 128-pixel episodes
+    assert (c.episodes_per_epoch, c.val_episodes, c.transform, c.pyramid_projection) == (2000, 120, "amt128", "reference")
     assert get_method("amt") is AMT and get_method("pmf") is PMF and get_method("protonet_lora") is ProtoNetLoRA
     assert AMT.episodic and PMF.episodic and ProtoNetLoRA.episodic and c.test_time_ft_steps == 0
     p = get_method("pmf").Config()  # hushell/pmf_cvpr22: README (Meta-Dataset, ImageNet only) and utils/args.py
@@ -311,6 +449,32 @@ def test_test_time_finetuning_fits_the_support_and_does_not_leak(name, over):
     torch.testing.assert_close(_logits(again, ep.query_x), _logits(clf1, ep.query_x))
 
 
+@pytest.mark.parametrize("over, expected", [
+    ({}, (30, 5e-4, 2, 0.1)),  # the paper's text
+    ({"recipe": "code"}, (100, 5e-5, 10, 0.0)),  # the released code's defaults (absolute 2/255 steps)
+    ({"recipe": "code", "epochs": 3, "lr": 0.01}, (3, 0.01, 10, 0.0)),  # explicit fields win over the recipe
+])
+def test_recipe_fills_the_fields_left_unset(over, expected):
+    c = resolve_config("amt", over)
+    assert (c.epochs, c.lr, c.train_attack_steps, c.train_step_frac) == expected
+    method = AMT(c, create_backbone("tiny_cnn", 5), 5)
+    method.train_eps = 8 / 255
+    assert method.attack_step_size() == pytest.approx(0.8 / 255 if c.train_step_frac else 2 / 255)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"recipe": "authors"}, "recipe"),
+    ({"pyramid_projection": "sum"}, "pyramid_projection"),
+    ({"fewshot_autoattack": "fast"}, "fewshot_autoattack"),
+    ({"fewshot_autoattack": "standard", "ways": 3}, "ways >= 4"),
+])
+def test_bad_amt_settings_fail_in_one_line(over, match):
+    from bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        resolve_config("amt", over)
+
+
 @pytest.mark.parametrize("size, expected", [(4, [0.01, 0.1, 6.0, 8.0]), (2, [0.01, 8.0]), (1, [8.0]),
                                             (3, [0.01, 6.0, 8.0])])
 def test_pool_eps_spread_over_the_list(size, expected):
@@ -354,7 +518,9 @@ def test_evaluate_fewshot_mean_and_ci_formula(fractions):
     out = evaluate_fewshot(_Method(), _Sampler(fractions), len(fractions), cfg, attack=True, progress=False)
     assert out["ways"] == 2 and out["shots"] == 1 and out["episodes"] == len(fractions)
     assert out["clean_acc"] == pytest.approx(np.mean(fractions))
-    assert out["clean_ci95"] == pytest.approx(1.96 * np.std(fractions) / np.sqrt(len(fractions)))
+    # torch's unbiased std, as the reference; one episode has no spread to estimate: interval 0
+    std = np.std(fractions, ddof=1) if len(fractions) > 1 else 0.0
+    assert out["clean_ci95"] == pytest.approx(1.96 * std / np.sqrt(len(fractions)))
     assert 0 <= out["adv_acc"] <= 1 and "adv_ci95" in out
     clean_only = evaluate_fewshot(_Method(), _Sampler(fractions), len(fractions), cfg, attack=False, progress=False)
     assert "adv_acc" not in clean_only and "adv_ci95" not in clean_only
@@ -553,3 +719,104 @@ def test_weight_perturbation_is_removed_under_deepspeed(stage, bf16):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert float(p.stdout.strip().splitlines()[-1]) < 1e-6
+
+
+# --- merge scoring: the authors' DiffAugment, one draw per episode, class-balanced scores ----------------
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+def test_diff_augment_works_on_normalised_inputs():
+    from methods.merge import diff_augment
+
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    m, s = MEAN.view(1, 3, 1, 1), STD.view(1, 3, 1, 1)
+    for seed in range(4):
+        pixel = diff_augment(x, torch.Generator().manual_seed(seed), 1.0, mean=MEAN, std=STD)
+        normalised = diff_augment((x - m) / s, torch.Generator().manual_seed(seed), 1.0)
+        torch.testing.assert_close(pixel, normalised * s + m, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(pixel, diff_augment(x, torch.Generator().manual_seed(seed), 1.0), atol=1e-3)
+
+
+def test_diff_augment_one_coin_and_one_flip_per_batch():
+    from methods.merge import diff_augment
+
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    applied = [not torch.equal(diff_augment(x, torch.Generator().manual_seed(s), 0.5), x) for s in range(40)]
+    assert 8 <= sum(applied) <= 32  # the coin is per batch: all or nothing, about half the time
+    for s in range(40):
+        out = diff_augment(x, torch.Generator().manual_seed(s), 0.5)
+        changed = (out != x).flatten(1).any(1)
+        assert changed.all() or not changed.any()
+    ramp = torch.linspace(0, 1, 8).view(1, 1, 1, 8).expand(6, 3, 8, 8)  # grey, brighter to the right
+    flips = []
+    for s in range(40):  # colour ops keep the left/right order of a grey ramp; a flip reverses it
+        out = diff_augment(ramp, torch.Generator().manual_seed(s), 1.0, translation=0.0)
+        right_brighter = out[..., -1].mean((1, 2)) > out[..., 0].mean((1, 2))
+        assert right_brighter.all() or not right_brighter.any()
+        flips.append(not bool(right_brighter[0]))
+    assert 8 <= sum(flips) <= 32
+
+
+def test_support_score_is_class_balanced():
+    from methods.merge import support_score
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 0, 0, 1, 2, 2])  # unequal shots
+    clean, aug = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    protos = torch.stack([clean[y == k].mean(0) for k in range(3)])
+    cos = torch.nn.functional.normalize(aug, dim=1) @ torch.nn.functional.normalize(protos, dim=1).t()
+    intra = np.mean([cos[y == k, k].mean().item() for k in range(3)])
+    inter = np.mean([cos[y == k][:, [j for j in range(3) if j != k]].mean().item() for k in range(3)])
+    for lam in (0.0, 0.6, 1.0):
+        assert support_score(clean, aug, y, 3, lam) == pytest.approx(lam * intra - (1 - lam) * inter, abs=1e-6)
+
+
+def test_merge_scores_every_member_on_one_shared_augmentation_draw():
+    from methods.merge import diff_augment, merged_overrides, support_score
+
+    method = make_method("amt", merge_top_k=3, merge_beta=6.0)
+    members = random_members(method, 3, scale=0.2)
+    method.members = [{"eps": e, "adapter": "", "tensors": t} for e, t in zip([0.1, 6.0, 8.0], members)]
+    sx, sy = episode(3).support_x, episode(3).support_y
+    method.episode_classifier(sx, sy)
+    backbone, enc = method.model.backbone, method.model.backbone.encoder
+    aug = diff_augment(sx, torch.Generator().manual_seed(method.cfg.merge_seed), method.cfg.merge_aug_p,
+                       mean=backbone.mean, std=backbone.std)
+    scores = []
+    with torch.no_grad():
+        for m in members:
+            ov = merged_overrides(enc, [m], [1.0], prefix="backbone.encoder.")
+            f = [torch.func.functional_call(method.model.eval(), ov, (z,), strict=False) for z in (sx, aug)]
+            scores.append(support_score(f[0], f[1], sy, 3, method.cfg.merge_lambda))
+    expected = merge_weights(torch.tensor(scores), 6.0, 3)
+    torch.testing.assert_close(torch.tensor(method.last_merge), expected, atol=1e-5, rtol=1e-4)
+
+
+# --- AutoAttack on the episodes' queries -----------------------------------------------------------------
+@pytest.mark.slow
+def test_fewshot_autoattack_is_recorded_with_its_interval():
+    """A classifier whose output ignores the input cannot be attacked: AutoAttack accuracy equals clean."""
+    fractions = [0.2, 1.0]
+    cfg = AMTConfig(eval_pgd_steps=1, fewshot_autoattack="apgd-ce", ways=2)
+    out = evaluate_fewshot(_Method(), _Sampler(fractions), len(fractions), cfg, attack=True, progress=False)
+    assert out["autoattack_version"] == "apgd-ce"
+    assert out["autoattack_acc"] == pytest.approx(np.mean(fractions))
+    assert out["autoattack_ci95"] == pytest.approx(1.96 * np.std(fractions, ddof=1) / np.sqrt(len(fractions)))
+    off = evaluate_fewshot(_Method(), _Sampler(fractions), len(fractions), cfg, attack=True, progress=False,
+                           autoattack="off")
+    assert "autoattack_acc" not in off and "autoattack_ci95" not in off
+
+
+@pytest.mark.slow
+def test_fewshot_standard_autoattack_on_a_five_way_episode():
+    method = make_method("amt", ways=5, fewshot_autoattack="standard", eval_pgd_steps=2)
+
+    class S:
+        ways, shots = 5, 2
+
+        def sample(self, i):
+            return episode(i, ways=5, queries=2)
+
+    out = evaluate_fewshot(method, S(), 1, method.cfg, attack=True, progress=False)
+    assert out["autoattack_version"] == "standard"
+    assert 0 <= out["autoattack_acc"] <= out["clean_acc"] <= 1
