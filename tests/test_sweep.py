@@ -365,7 +365,8 @@ def test_two_worker_deepspeed_zero2_matches_one_worker(tmp_path, small_shard_roo
 
 
 AMT_TINY = {"epochs": 1, "episodes_per_epoch": 2, "episodes": 3, "val_episodes": 2, "queries": 3, "rank": 4,
-            "warmup_epochs": 0, "pool_size": 2, "train_attack_steps": 1, "eval_pgd_steps": 1, "val_pgd_steps": 1}
+            "warmup_epochs": 0, "pool_size": 2, "train_attack_steps": 1, "eval_pgd_steps": 1, "val_pgd_steps": 1,
+            "image_size": 32}  # amt128 at the stored size
 
 
 @pytest.mark.slow
