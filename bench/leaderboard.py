@@ -99,6 +99,13 @@ def config_hash_without_seed(config: dict) -> str:
 
 # A sweep's AMT member cache (bench.sweep.MEMBERS_DIR): members are parts of AMT trials, not entries.
 _MEMBER_CACHE = "_members"
+# Folders whose copies of trial files are not entries: W&B's runs and Tune's storage (checkpoints of trials
+# that also have their own folder, bench.sweep).
+_NOT_ENTRIES = ("wandb", "_tune")
+
+
+def _in_ignored_folder(path: Path, results_dir: Path) -> bool:
+    return any(part in _NOT_ENTRIES for part in path.relative_to(results_dir).parts[:-1])
 
 
 def _is_pool_member(path: Path, results_dir: Path) -> bool:
@@ -128,7 +135,7 @@ def load_results(results_dir: Path) -> tuple[list[dict], list[tuple[str, str]]]:
         return records, [(str(results_dir), "results folder does not exist")]
     found_dirs = set()
     for path in sorted(results_dir.rglob("result.json")):
-        if "wandb" in path.relative_to(results_dir).parts[:-1]:
+        if _in_ignored_folder(path, results_dir):
             continue
         if _is_pool_member(path, results_dir):  # AMT pool members are parts of one AMT trial, not entries
             found_dirs.add(path.parent)
@@ -161,7 +168,7 @@ def load_results(results_dir: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     for marker in ("args.yaml", "metrics.jsonl"):  # files a trial (bench.trial) writes into its folder
         for m in sorted(results_dir.rglob(marker)):
             d = m.parent
-            if "wandb" in d.relative_to(results_dir).parts or d in found_dirs or _is_pool_member(m, results_dir):
+            if _in_ignored_folder(m, results_dir) or d in found_dirs or _is_pool_member(m, results_dir):
                 continue
             found_dirs.add(d)
             problems.append((str(d / "result.json"), "missing (trial folder without result.json: unfinished or killed)"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -171,10 +172,12 @@ def _init_ray(address: str | None, num_cpus: int | None, env: dict[str, str]):
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": env, "py_modules": _code_modules()}
+    # WARNING: Ray's INFO lines (instance start, one per uploaded code package) tell a user nothing actionable.
+    common = dict(runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
     return True
 
 
