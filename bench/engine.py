@@ -27,12 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# "<pid>:<port>" of the process that set a single-process environment below. Its children inherit the
+# variables (a test process that ran a trial in-process, a sweep driver), but the port is that process's own
+# rendezvous, still listening: a child must choose its own, or it fails with EADDRINUSE.
+_SINGLE_PROCESS_ENV = "BENCH_SINGLE_PROCESS_DIST"
+
+
 def ensure_dist_env() -> None:
     """Without these DeepSpeed looks for mpi4py; torchrun and Ray Train set them for multi-process runs."""
-    if "RANK" in os.environ and "MASTER_PORT" in os.environ:
+    owner_pid, _, owner_port = os.environ.get(_SINGLE_PROCESS_ENV, "").partition(":")
+    inherited = owner_pid not in ("", str(os.getpid())) and owner_port == os.environ.get("MASTER_PORT")
+    if "RANK" in os.environ and "MASTER_PORT" in os.environ and not inherited:
         return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
+    port = str(free_port())
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ[_SINGLE_PROCESS_ENV] = f"{os.getpid()}:{port}"
 
 
 def world() -> tuple[int, int]:

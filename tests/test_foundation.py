@@ -137,3 +137,35 @@ def _free_port():
     from bench.engine import free_port
 
     return free_port()
+
+
+_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "BENCH_SINGLE_PROCESS_DIST")
+
+
+@pytest.mark.parametrize("env,kept", [
+    ({}, False),  # nothing set: a single-process environment with a fresh port
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "6000"}, True),  # torchrun / Ray Train
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "5555", "BENCH_SINGLE_PROCESS_DIST": "1:5555"}, False),  # inherited
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "6000", "BENCH_SINGLE_PROCESS_DIST": "1:5555"}, True),  # torchrun under bench
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "5555", "BENCH_SINGLE_PROCESS_DIST": "SELF:5555"}, True),  # our own
+], ids=["unset", "launcher", "inherited-from-parent", "launcher-under-bench", "own"])
+def test_dist_env_never_reuses_a_parent_rendezvous_port(monkeypatch, env, kept):
+    """A child of a process that ran a trial in-process inherits its MASTER_PORT, which is still listening:
+    reusing it fails with EADDRINUSE (seen in CI), so only a launcher's or our own environment is kept."""
+    import os
+
+    from bench.engine import ensure_dist_env
+
+    for k in _DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v.replace("SELF", str(os.getpid())))
+    before = {k: os.environ.get(k) for k in _DIST_VARS}
+    ensure_dist_env()
+    after = {k: os.environ.get(k) for k in _DIST_VARS}
+    if kept:
+        assert after == before
+    else:
+        assert after["MASTER_PORT"] not in (None, env.get("MASTER_PORT"))
+        assert after["RANK"] == "0" and after["WORLD_SIZE"] == "1"
+        assert after["BENCH_SINGLE_PROCESS_DIST"] == f"{os.getpid()}:{after['MASTER_PORT']}"
