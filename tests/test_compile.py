@@ -45,6 +45,9 @@ def run(kind, compile):
     return losses, weights, graphs
 
 for kind in ("plain", "ds"):
+    # tiny_cnn's classes are module-level (timm registry), so without a reset the ds engine would reuse the
+    # plain engine's graphs and compile nothing: each kind starts from an empty dynamo cache.
+    torch._dynamo.reset()
     l0, w0, _ = run(kind, False)
     before = counters["stats"]["unique_graphs"]
     l1, w1, graphs = run(kind, True)
