@@ -46,7 +46,9 @@ def _splits(y):
     return {"train": train, "val": val, "test": test}
 
 
-def make_digits(root=None, force: bool = False) -> Path:
+def make_digits(root=None, force: bool = False, maxcount: int = MAXCOUNT) -> Path:
+    """Write the embedded default under ``root``; ``maxcount`` samples per shard (tests use small shards so
+    that ranks get equal shares)."""
     out = Path(root).expanduser().resolve() / NAME if root is not None else default_root() / NAME
     if (out / MANIFEST).is_file() and not force:
         return out  # the manifest is written last and atomically: its presence means complete
@@ -54,7 +56,7 @@ def make_digits(root=None, force: bool = False) -> Path:
     splits = _splits(y)
     write_dataset(
         out, NAME, {s: ((X[i], int(y[i])) for i in idx) for s, idx in splits.items()},
-        classes=[str(c) for c in range(10)], image_format="png", maxcount=MAXCOUNT,
+        classes=[str(c) for c in range(10)], image_format="png", maxcount=maxcount,
         extra_manifest={
             "validation": {"from": "train", "fraction": VAL_FRACTION, "seed": SEED},
             "fewshot": {"base_classes": [0, 1, 2, 3, 4], "novel_classes": [5, 6, 7, 8, 9]},

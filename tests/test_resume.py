@@ -42,14 +42,10 @@ def _launch(nproc: int, shards: Path, root: Path, mode: str, cases: list[str]) -
 def shards16(tmp_path_factory) -> Path:
     """The digits data in 16-sample shards: the 32 training samples of a case are two shards, one per
     rank at two processes (shards are split by rank)."""
-    from data_shards import digits as D
-    from data_shards.writer import write_dataset
+    from data_shards.digits import make_digits
 
     root = tmp_path_factory.mktemp("shards16")
-    X, y = D.digits_arrays()
-    splits = D._splits(y)
-    write_dataset(root / "digits", "digits", {s: ((X[i], int(y[i])) for i in idx) for s, idx in splits.items()},
-                  classes=[str(c) for c in range(10)], image_format="png", maxcount=16)
+    make_digits(root, maxcount=16)
     return root
 
 

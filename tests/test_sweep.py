@@ -324,14 +324,10 @@ def test_ray_start_cluster_without_shared_disk_and_node_loss(tmp_path, shards_ro
 @pytest.fixture(scope="module")
 def small_shard_root(tmp_path_factory) -> Path:
     """The digits data written in 32-sample shards, so 2 ranks get equal shares of a small subset."""
-    from data_shards import digits as D
-    from data_shards.writer import write_dataset
+    from data_shards.digits import make_digits
 
     root = tmp_path_factory.mktemp("shards32")
-    X, y = D.digits_arrays()
-    splits = D._splits(y)
-    write_dataset(root / "digits", "digits", {s: ((X[i], int(y[i])) for i in idx) for s, idx in splits.items()},
-                  classes=[str(c) for c in range(10)], image_format="png", maxcount=32)
+    make_digits(root, maxcount=32)
     return root
 
 
