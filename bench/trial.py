@@ -104,7 +104,7 @@ def train_pool(cfg: BaseConfig, out_dir: str | Path, *, data_root=None, progress
                group: str | None = None, track: bool = True, runner=None, cache: str | Path | None = None):
     """Train (or find) a pool config's members, write ``out_dir/pool.json``, and return the config of the
     merging trial (``pool_dir`` set) that evaluates the pool."""
-    from bench.amt_pool import run_pool
+    from bench.sweep.amt_pool import run_pool
 
     def run_member(overrides: dict, member_dir: Path) -> dict:
         member_cfg = type(cfg)(**{**cfg.to_dict(), **overrides})
@@ -364,7 +364,7 @@ class Trial:
             self.images_seen, train_s = resumed["images_seen"], resumed["train_s"]
         tracker = None
         if self.track and self.rank == 0:
-            from bench.tracking import start_run
+            from bench.report.tracking import start_run
 
             tracker = start_run(cfg.to_dict(), self.out_dir, run_id=self.run_id, name=self.run_id,
                                 group=self.group, tags=[cfg.method, cfg.dataset, cfg.backbone],

@@ -2,7 +2,7 @@
 pool, with test-time merging of the pool per episode.
 
 One trial trains one pool member at one attack strength (``member_eps``, in /255 units); ``bench``'s
-pool runner (``bench/amt_pool.py``) trains ``pool_size`` members as separate trials and writes a pool
+pool runner (``bench/sweep/amt_pool.py``) trains ``pool_size`` members as separate trials and writes a pool
 manifest; a trial with ``pool_dir`` set merges the members per test episode (``methods/merge.py``).
 
 Training step (Algorithm 1, the authors' code's order):
@@ -105,7 +105,7 @@ class AMTConfig(ProtoNetLoRAConfig):
 
 
 # Fields that shape only the pool's assembly, merging and test evaluation, never one member's training:
-# members whose configs differ only here are the same member (bench/amt_pool.py caches them by the rest).
+# members whose configs differ only here are the same member (bench/sweep/amt_pool.py caches them by the rest).
 POOL_ONLY_FIELDS = ("pool_size", "pool_eps", "member_eps", "pool_dir", "adapter_path", "merge_top_k",
                     "merge_lambda", "merge_beta", "trim_rho", "trim_modules", "merge_aug_p", "merge_seed",
                     "episodes", "n_eval", "eval_pgd_steps", "autoattack_version", "test_time_ft_steps",
@@ -220,7 +220,7 @@ class AMT(ProtoNetLoRA):
 
     Config = AMTConfig
     episodic = True
-    pool: ClassVar[bool] = True  # bench trains a pool (bench/amt_pool.py) unless member_eps or pool_dir is set
+    pool: ClassVar[bool] = True  # bench trains a pool (bench/sweep/amt_pool.py) unless member_eps or pool_dir is set
 
     def __init__(self, cfg: AMTConfig, backbone: nn.Module, num_classes: int):
         super().__init__(cfg, backbone, num_classes)

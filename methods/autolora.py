@@ -173,7 +173,7 @@ class AutoLoRaConfig(BaseConfig):
     epochs: int = 60
     # the paper reports PGD-10
     eval_pgd_steps: int = 10
-    # speed switches (measured in bench/perf_autolora.py)
+    # speed switches (measured in bench/perf/autolora_step.py)
     fused_optimizer: bool = False
 
     def validate(self) -> None:
@@ -259,7 +259,7 @@ class AutoLoRa(Method):
         self.lambda_epoch: int | None = None  # the epoch the λ in force was measured for
         self._ctx: TrainContext | None = None  # the running epoch's context (its data passes), for end_epoch
         self.epoch_log: list[dict[str, Any]] = []  # per epoch: λ, η, validation
-        self.timer = None  # set to _Timer() to collect the step's split (bench/perf_autolora.py)
+        self.timer = None  # set to _Timer() to collect the step's split (bench/perf/autolora_step.py)
 
     # --- branches and routing ------------------------------------------------------------------------
     def lora_branch(self):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.amt_pool import plan_pool, run_pool
+from bench.sweep.amt_pool import plan_pool, run_pool
 from bench.backbones import create_backbone
 from bench.config import resolve_config
 from bench.fewshot import evaluate_fewshot, mean_ci95
@@ -613,7 +613,7 @@ def test_pool_trains_members_writes_manifest_and_merges(tmp_path):
     ({"lr": 0.1}, False), ({"backbone": "cifar_resnet18_aa"}, False),
 ])
 def test_member_key_ignores_only_pool_settings(change, same_member):
-    from bench.amt_pool import member_key
+    from bench.sweep.amt_pool import member_key
 
     base = resolve_config("amt", {"backbone": "tiny_cnn"})
     other = resolve_config("amt", {"backbone": "tiny_cnn", **change})
@@ -623,7 +623,7 @@ def test_member_key_ignores_only_pool_settings(change, same_member):
 
 def test_member_cache_shares_members_between_pools(tmp_path):
     """Pools that differ in merge settings and pool size reuse the cached members they have in common."""
-    from bench.amt_pool import member_overrides
+    from bench.sweep.amt_pool import member_overrides
 
     trained = []
 

@@ -1,4 +1,4 @@
-"""bench.leaderboard from hand-written result.json fixtures with known numbers."""
+"""bench.report.leaderboard from hand-written result.json fixtures with known numbers."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench import leaderboard as lb
+from bench.report import leaderboard as lb
 
 FIX = Path(__file__).parent / "fixtures" / "leaderboard"
 
@@ -159,7 +159,7 @@ def test_offline_wandb_leaderboard_run_contains_rows(tmp_path):
     assert al["robust_acc"] == pytest.approx(0.51) and al["n"] == 3 and al["vs_baseline"] == "better"
     assert list((run_dir / "files" / "media" / "images").glob("pareto_*.png"))
     # the run record itself (the .wandb transaction log) names the leaderboard job and the sweep group
-    from bench.tracking import read_wandb_file
+    from bench.report.tracking import read_wandb_file
     recs = read_wandb_file(next(run_dir.glob("run-*.wandb")))
     runrec = [r.run for r in recs if r.WhichOneof("record_type") == "run"][0]
     assert runrec.job_type == "leaderboard" and runrec.run_group == "smoke"

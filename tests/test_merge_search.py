@@ -1,4 +1,4 @@
-"""Per-domain merge search (bench.merge_search) and cross-domain evaluation: selection on validation episodes
+"""Per-domain merge search (bench.sweep.merge_search) and cross-domain evaluation: selection on validation episodes
 per target, the sweep file's checks, the leaderboard's rows per target, and an amt pool of 2 plus a merge-only
 sweep of 8 settings end to end on the embedded default."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.merge_search import SelectionError, select
+from bench.sweep.merge_search import SelectionError, select
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_select_without_validation_of_a_target_is_one_line_error():
     ("methods: [amt]\nmerge_search: yes please\n", "expected true or false"),
 ])
 def test_merge_search_sweep_file_errors(tmp_path, text, message):
-    from bench.sweep_space import SweepError, load_sweep
+    from bench.sweep.space import SweepError, load_sweep
 
     path = tmp_path / "bad.yaml"
     path.write_text(textwrap.dedent(text))
@@ -77,7 +77,7 @@ def test_merge_search_sweep_file_errors(tmp_path, text, message):
 
 @pytest.mark.parametrize("name", ["paper_amt", "merge_search_smoke", "paper_pmf"])
 def test_shipped_cross_domain_files_resolve(name):
-    from bench.sweep_space import load_sweep
+    from bench.sweep.space import load_sweep
 
     spec = load_sweep(ROOT / "tune_spaces" / f"{name}.yaml")
     assert spec.merge_search == (name != "paper_pmf")
@@ -87,7 +87,7 @@ def test_shipped_cross_domain_files_resolve(name):
 
 
 def test_leaderboard_one_row_per_target_with_the_selected_settings(tmp_path):
-    from bench.leaderboard import group_records, load_results
+    from bench.report.leaderboard import group_records, load_results
 
     block = {"ways": 5, "shots": 1, "episodes": 4, "clean_acc": 0.5, "adv_acc": 0.2}
     multi = {"id": "m", "method": "pmf", "dataset": "src", "config": {"target_datasets": ["x", "y"]},
@@ -126,10 +126,10 @@ def test_pool_of_two_and_a_merge_only_sweep_of_eight_settings(tmp_path, two_doma
     import os
 
     from bench.config import resolve_config
-    from bench.leaderboard import build_leaderboard
-    from bench.merge_search import SELECTED_DIR
-    from bench.sweep import run_sweep
-    from bench.sweep_space import load_sweep
+    from bench.report.leaderboard import build_leaderboard
+    from bench.sweep.merge_search import SELECTED_DIR
+    from bench.sweep.driver import run_sweep
+    from bench.sweep.space import load_sweep
     from bench.trial import train_pool
 
     doc = yaml.safe_load((ROOT / "tune_spaces" / "merge_search_smoke.yaml").read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.config import resolve_config
-from bench.sweep_space import SweepError, load_sweep
+from bench.sweep.space import SweepError, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "tune_spaces" / "paper_autolora.yaml"
@@ -52,7 +52,7 @@ def test_paper_preset_settings(method, dataset, want):
 
 def test_every_paper_trial_resolves_with_its_own_data_set_settings():
     """No data set's settings leak into another's trials, on the sweep's side or the trial's."""
-    from bench.sweep import _trial_setup
+    from bench.sweep.driver import _trial_setup
 
     spec = load_sweep(PAPER)
     ctx = {"results": "/tmp/unused", "name": spec.name, "space_keys": sorted(spec.space),

@@ -204,7 +204,7 @@ def _cli(*args, cwd=None):
 def test_cli(tmp_path, tiny):
     import argparse
 
-    from bench import shards_cli
+    from bench.cli import shards as shards_cli
 
     p = argparse.ArgumentParser()
     shards_cli.add_parser(p.add_subparsers(dest="command"))

@@ -52,7 +52,7 @@ def _env(shards_root: Path) -> dict:
 # ------------------------------------------------------------------------------------------- schema
 
 def _err(tmp_path, text: str) -> str:
-    from bench.sweep_space import SweepError, load_sweep
+    from bench.sweep.space import SweepError, load_sweep
 
     path = tmp_path / "bad.yaml"
     path.write_text(textwrap.dedent(text))
@@ -97,7 +97,7 @@ def test_schema_errors(tmp_path):
 
 
 def test_shipped_spaces_validate():
-    from bench.sweep_space import load_sweep
+    from bench.sweep.space import load_sweep
 
     smoke = load_sweep(ROOT / "tune_spaces" / "smoke.yaml")
     assert set(smoke.methods) == {"rft", "ft", "autolora", "amt", "pmf"}
@@ -131,8 +131,8 @@ def ray_2cpu():
 
 
 def test_asha_sweep_four_trials(tmp_path, shards_root, ray_2cpu):
-    from bench.sweep import run_sweep
-    from bench.sweep_space import load_sweep
+    from bench.sweep.driver import run_sweep
+    from bench.sweep.space import load_sweep
 
     path = write_sweep(tmp_path, "asha", fixed={"epochs": 3}, methods=["rft", "ft"],
                        space={"lr": {"grid": [0.001, 0.05]}},
@@ -156,8 +156,8 @@ def test_asha_sweep_four_trials(tmp_path, shards_root, ray_2cpu):
 
 
 def test_error_trial_others_finish(tmp_path, shards_root, ray_2cpu):
-    from bench.sweep import run_sweep
-    from bench.sweep_space import load_sweep
+    from bench.sweep.driver import run_sweep
+    from bench.sweep.space import load_sweep
 
     # weights that do not exist: the trial fails at run time (backbones are resolved inside the trial)
     path = write_sweep(tmp_path, "err", fixed={"epochs": 1}, max_failures=0,
@@ -338,8 +338,8 @@ def test_two_worker_deepspeed_zero2_matches_one_worker(tmp_path, small_shard_roo
     max_train_samples caps the whole split, which is then split by shard over the ranks: with 32-sample
     shards, 2 ranks read shards {0, 2} and {1, 3}, the same 128 samples as 1 rank, in global batches of 64.
     """
-    from bench.sweep import run_sweep
-    from bench.sweep_space import load_sweep
+    from bench.sweep.driver import run_sweep
+    from bench.sweep.space import load_sweep
 
     fixed = {"epochs": 3, "zero_stage": 2, "augment": False, "shuffle_buffer": 1, "batch_size": 64,
              "train_attack_steps": 1, "lr": 0.01}
@@ -369,9 +369,9 @@ AMT_TINY = {"epochs": 1, "episodes_per_epoch": 2, "episodes": 3, "val_episodes":
 def test_amt_pool_members_run_in_parallel_and_are_shared(tmp_path, shards_root, ray_2cpu):
     """Two AMT trials that differ only in a merge setting: the first trains its 2 members as parallel Ray
     tasks, the second finds them in the sweep's member cache; both merge and evaluate after their members."""
-    from bench.leaderboard import load_results
-    from bench.sweep import MEMBERS_DIR, run_sweep
-    from bench.sweep_space import load_sweep
+    from bench.report.leaderboard import load_results
+    from bench.sweep.driver import MEMBERS_DIR, run_sweep
+    from bench.sweep.space import load_sweep
 
     path = write_sweep(tmp_path, "pool", methods=["amt"], fixed=AMT_TINY, space={"merge_top_k": {"grid": [1, 2]}})
     res = tmp_path / "res"
@@ -433,9 +433,9 @@ def _calls(spec) -> int:
 def test_pool_runner_failure_then_retry_and_waiting_for_another_trial(tmp_path, ray_2cpu):
     import threading
 
-    from bench.amt_pool import MemberLock, finished_result, plan_pool
+    from bench.sweep.amt_pool import MemberLock, finished_result, plan_pool
     from bench.config import resolve_config
-    from bench.sweep_pool import ray_member_runner
+    from bench.sweep.pool import ray_member_runner
 
     cfg = resolve_config("amt", {"backbone": "tiny_cnn", "pool_size": 3, "pool_eps": [0.01, 6.0, 8.0]})
     specs = plan_pool(cfg, tmp_path / "trial", cache_dir=tmp_path / "cache")
@@ -467,8 +467,8 @@ def test_driver_waits_for_late_result_files_before_the_leaderboard(tmp_path, cap
     still makes the console leaderboard: the console shows what the files show."""
     import threading
 
-    from bench.leaderboard import build_leaderboard
-    from bench.sweep import wait_for_result_files
+    from bench.report.leaderboard import build_leaderboard
+    from bench.sweep.driver import wait_for_result_files
 
     rec = {"id": "x", "method": "rft", "dataset": "digits", "status": "ok",
            "metrics": {"clean_acc": 0.7, "pgd_acc": 0.3, "eps": 1 / 255}}
@@ -488,7 +488,7 @@ def test_smoke_sets_its_own_budgets_and_threat_model():
     """The smoke's figures (README) must not move when a method's paper defaults change: every budget that
     decides its cost and its learning signal is set in the file, at eps 1/255 (supervised) and 0.5/255
     (few-shot, where PMF's clean meta-training leaves nothing at 1/255), on >= 256 test images."""
-    from bench.sweep_space import load_sweep
+    from bench.sweep.space import load_sweep
 
     smoke = load_sweep(ROOT / "tune_spaces" / "smoke.yaml")
     supervised = ("epochs", "max_train_samples", "batch_size", "lr", "train_attack_steps", "eval_pgd_steps",

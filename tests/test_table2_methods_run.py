@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bench.config import resolve_config
-from bench.sweep_space import load_sweep
+from bench.sweep.space import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny budgets; the rest (transform imagenet224, λ_twins 0.4, weight decay, placement, ...) from the preset

@@ -1,4 +1,4 @@
-"""bench.tracking: offline W&B runs, fallback when the server cannot be reached, no metric ever lost."""
+"""bench.report.tracking: offline W&B runs, fallback when the server cannot be reached, no metric ever lost."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import tracking
+from bench.report import tracking
 
 
 @pytest.fixture(autouse=True)

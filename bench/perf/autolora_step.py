@@ -174,7 +174,7 @@ def autolora_step_benchmark(quick: bool = False) -> dict[str, Any]:
         row: dict[str, Any] = {"step_s": statistics.median(r["times"]),
                                "split_s": {k: statistics.median(v) for k, v in r["split"].items()},
                                "warmup_s": r["warmup_s"], "warmup_parts_s": r["warmup_parts_s"]}
-        row["split_s"]["data_wait"] = 0.0  # resident tensors here; the loader is benchmarked in perf_data
+        row["split_s"]["data_wait"] = 0.0  # resident tensors here; the loader is benchmarked in bench.perf.loader
         if r["parts"]:
             parts = {k: statistics.median(v) for k, v in r["part_times"].items()}
             row["parts_s"] = parts
@@ -211,7 +211,7 @@ def autolora_step_benchmark(quick: bool = False) -> dict[str, Any]:
     return out
 
 
-if __name__ == "__main__":  # python -m bench.perf_autolora [--quick]
+if __name__ == "__main__":  # python -m bench.perf.autolora_step [--quick]
     import json
     import sys
 

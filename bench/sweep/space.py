@@ -76,7 +76,7 @@ class SweepSpec:
     max_concurrent_trials: int | None = None
     max_failures: int = 1
     time_budget_s: float | None = None
-    merge_search: bool = False  # amt trials are merge-only candidates; the best per target is tested (bench.merge_search)
+    merge_search: bool = False  # amt trials are merge-only candidates; the best per target is tested (bench.sweep.merge_search)
 
     def metric_for(self, method: str) -> str:
         """The validation metric a trial of ``method`` reports as the sweep's objective."""
@@ -311,7 +311,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not isinstance(merge_search, bool):
         raise _fail(path, "merge_search", f"expected true or false, got {merge_search!r}")
     if merge_search:
-        from bench.merge_search import check_space
+        from bench.sweep.merge_search import check_space
 
         reason = check_space(list(spec.space), methods)
         if reason:

@@ -36,7 +36,7 @@ from typing import Any
 
 OBJECTIVE = "objective"  # the key every trial reports its validation metric under (per-method metric names differ)
 TUNE_DIR = "_tune"
-MEMBERS_DIR = "_members"  # AMT pool members, shared by the sweep's amt trials (bench.sweep_pool)
+MEMBERS_DIR = "_members"  # AMT pool members, shared by the sweep's amt trials (bench.sweep.pool)
 PACKAGES = ("bench", "methods", "data_shards")  # the suite's code, shipped to every node (runtime_env py_modules)
 # Environment a trial process needs from the driver (a remote cluster's workers do not inherit it).
 PROPAGATE_ENV = ("WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY",
@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from bench.sweep_space import load_sweep
+    from bench.sweep.space import load_sweep
 
     spec = load_sweep(args.file)
     if args.gpus_per_trial is not None:
@@ -184,7 +184,7 @@ def _init_ray(address: str | None, num_cpus: int | None, env: dict[str, str]):
 def _code_modules() -> list[str]:
     """The suite's package folders: Ray uploads them once per sweep and puts them on every worker's path,
     on every node, whatever the node's file system holds."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     return [str(repo / name) for name in PACKAGES]
 
 
@@ -193,7 +193,7 @@ def _trial_env() -> dict[str, str]:
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("WANDB_SILENT", "true")
     # DeepSpeed's compiled op, built once: beside the driver's code unless TORCH_EXTENSIONS_DIR says where
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
     env["BENCH_IN_SWEEP"] = "1"
     return env
 
@@ -294,7 +294,7 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
               flush=True)
         grid = tuner.fit()
         if spec.merge_search:
-            from bench.merge_search import SelectionError
+            from bench.sweep.merge_search import SelectionError
 
             try:  # the candidates' result.json first (see below), then select among them
                 wait_for_result_files(results, [Path(r.path).name for r in grid if r.path and not r.error])
@@ -336,11 +336,11 @@ def wait_for_result_files(results: Path, trial_names: list[str], timeout_s: floa
 
 def _test_merge_selections(spec, results: Path, ctx: dict) -> None:
     """A merge search's second step: per target, the candidate that validated best is tested once
-    (bench.merge_search), each test a Ray task with one trial's resources."""
+    (bench.sweep.merge_search), each test a Ray task with one trial's resources."""
     import ray
 
-    from bench.merge_search import load_candidates, select, test_selected
-    from bench.sweep_pool import _merge_trial, task_options
+    from bench.sweep.merge_search import load_candidates, select, test_selected
+    from bench.sweep.pool import _merge_trial, task_options
 
     selections = select(load_candidates(results, spec.name), sorted(spec.space))
     task = ray.remote(_merge_trial).options(**task_options(spec.cpus, spec.gpus))
@@ -368,7 +368,7 @@ def _pool_parallel(spec, cluster: dict) -> int:
 
 def _trial_resources(spec, ctx: dict):
     """Per-trial resources: a function of the trial's config, because an AMT pool trial reserves one
-    bundle per member it trains at once (bench.sweep_pool) besides its own empty head bundle."""
+    bundle per member it trains at once (bench.sweep.pool) besides its own empty head bundle."""
     from ray.tune import PlacementGroupFactory
 
     per = {"CPU": spec.cpus, **({"GPU": spec.gpus} if spec.gpus else {})}
@@ -427,7 +427,7 @@ def summarize(grid, results: Path, spec, wall_s: float) -> dict[str, Any]:
 
 def _leaderboard(results: Path, wandb_log: bool) -> None:
     try:
-        from bench.leaderboard import build_leaderboard
+        from bench.report.leaderboard import build_leaderboard
     except ImportError as e:
         print(f"bench sweep: no leaderboard ({e})")
         return
@@ -686,7 +686,7 @@ def sweep_trial(config: dict, ctx: dict) -> None:
         write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise
     finally:
-        from bench.tracking import close_service
+        from bench.report.tracking import close_service
 
         close_service()
     # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done);
@@ -696,10 +696,10 @@ def sweep_trial(config: dict, ctx: dict) -> None:
 
 def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, metric: str) -> None:
     """An AMT pool trial: members as parallel Ray tasks (cached across the sweep's trials), then the merged
-    pool's validation and test evaluation; one report to Tune (see bench.sweep_pool)."""
+    pool's validation and test evaluation; one report to Tune (see bench.sweep.pool)."""
     from ray import tune
 
-    from bench.sweep_pool import run_pool_trial
+    from bench.sweep.pool import run_pool_trial
     from bench.trial import write_error_result
 
     _log_attempt(out_dir)

@@ -27,7 +27,7 @@ SELECTED_DIR = "selected"
 SEARCHABLE = ("pool_size", "pool_eps", "merge_top_k", "merge_lambda", "merge_beta", "trim_rho", "trim_modules",
               "merge_aug_p", "merge_seed", "test_time_ft_steps", "test_time_ft_lr", "test_time_ft_aug_p")
 # Config keys that differ between candidates of one group without being searched: each candidate merges its
-# own copy of the pool (bench.amt_pool keeps one per trial folder).
+# own copy of the pool (bench.sweep.amt_pool keeps one per trial folder).
 _PER_TRIAL = ("pool_dir",)
 
 

@@ -2,7 +2,7 @@
 
 The steps are split so that any runner can execute the members: :func:`plan_pool` says what each member
 trial is (its config overrides, where it trains, where the pool keeps its adapter), a runner executes them
-(:func:`sequential_runner` here, one after the other; ``bench.sweep_pool`` runs them as parallel Ray tasks
+(:func:`sequential_runner` here, one after the other; ``bench.sweep.pool`` runs them as parallel Ray tasks
 inside a sweep trial), :func:`write_manifest` records the results. :func:`run_pool` chains the three.
 
 Member cache: with ``cache_dir`` a member trains in ``cache_dir/eps<e>_<key>/`` where ``key`` hashes every

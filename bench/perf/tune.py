@@ -1,7 +1,7 @@
 """Ray Tune's cost on this machine: per-trial overhead against the same trial run directly, throughput of
 1 vs 2 concurrent trials, and the time from ``bench sweep`` start to the first trial running.
 
-``tune_benchmark(quick)`` returns a JSON-able dict; ``python -m bench.perf_tune [--quick]`` prints it.
+``tune_benchmark(quick)`` returns a JSON-able dict; ``python -m bench.perf.tune [--quick]`` prints it.
 The trial is ``rft`` on the embedded digits with the tiny_cnn backbone; quick mode uses ~10 s trials
 (under 2 minutes in all), full mode ~30 s trials as the issue asks.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _budget(quick: bool) -> dict:
@@ -61,8 +61,8 @@ def _direct(work: Path, shards: Path, budget: dict) -> float:
 
 
 def _sweep(work: Path, shards: Path, name: str, budget: dict, lrs: list[float], concurrent: int) -> dict:
-    from bench.sweep import run_sweep
-    from bench.sweep_space import load_sweep
+    from bench.sweep.driver import run_sweep
+    from bench.sweep.space import load_sweep
 
     spec = load_sweep(_sweep_file(work, name, budget, lrs, concurrent))
     res = work / name

@@ -1,7 +1,7 @@
 """``bench perf``: the performance benchmarks, as one JSON document.
 
-Each section lives beside the code it measures (perf_data: the loader, perf_autolora: the training step,
-perf_tune: Ray Tune's overhead); this module only runs them and reports.
+Each section lives beside the code it measures (loader: the reader, autolora_step: the training step,
+tune: Ray Tune's overhead); this module only runs them and reports.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 SECTIONS = {
-    "loader": ("bench.perf_data", "loader_benchmark"),
-    "autolora_step": ("bench.perf_autolora", "autolora_step_benchmark"),
-    "tune": ("bench.perf_tune", "tune_benchmark"),
+    "loader": ("bench.perf.loader", "loader_benchmark"),
+    "autolora_step": ("bench.perf.autolora_step", "autolora_step_benchmark"),
+    "tune": ("bench.perf.tune", "tune_benchmark"),
 }
 
 

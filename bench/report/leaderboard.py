@@ -100,7 +100,7 @@ def config_hash_without_seed(config: dict) -> str:
 # A sweep's AMT member cache (bench.sweep.MEMBERS_DIR): members are parts of AMT trials, not entries.
 _MEMBER_CACHE = "_members"
 # Folders whose copies of trial files are not entries: W&B's runs and Tune's storage (checkpoints of trials
-# that also have their own folder, bench.sweep).
+# that also have their own folder, bench.sweep.driver).
 _NOT_ENTRIES = ("wandb", "_tune")
 
 
@@ -109,7 +109,7 @@ def _in_ignored_folder(path: Path, results_dir: Path) -> bool:
 
 
 def _is_pool_member(path: Path, results_dir: Path) -> bool:
-    """True for files under ``<amt trial>/members/`` (bench.amt_pool), the trial folder holding pool.json,
+    """True for files under ``<amt trial>/members/`` (bench.sweep.amt_pool), the trial folder holding pool.json,
     and under a sweep's member cache."""
     parts = path.relative_to(results_dir).parts
     if _MEMBER_CACHE in parts[:-1]:
@@ -208,7 +208,7 @@ def expand_targets(records: list[dict]) -> list[dict]:
 
 
 def _selected_settings(rec: dict) -> str | None:
-    """The settings a per-domain search selected for this result (bench.merge_search), as text."""
+    """The settings a per-domain search selected for this result (bench.sweep.merge_search), as text."""
     sel = rec.get("merge_selection")
     if not isinstance(sel, dict) or not isinstance(sel.get("settings"), dict):
         return None
@@ -812,7 +812,7 @@ def table_columns_and_data(rows: list[dict]) -> tuple[list[str], list[list]]:
 def log_wandb_leaderboard(rows: list[dict], out_dir: Path, pareto_png: Path | None, *,
                           group: str | None = None) -> list[str]:
     """A leaderboard run (job_type "leaderboard") logging a wandb.Table of the rows and the Pareto plot."""
-    from bench import tracking
+    from bench.report import tracking
     notes: list[str] = []
     try:
         import wandb
@@ -847,7 +847,7 @@ def build_report(rows: list[dict], records: list[dict], *, project: str | None =
                  entity: str | None = None):
     """The W&B report (wandb_workspaces.reports.v2.Report) comparing the runs of the results folder."""
     import wandb_workspaces.reports.v2 as wr
-    from bench import tracking
+    from bench.report import tracking
 
     project = project or tracking._project()
     entity = entity if entity is not None else (os.environ.get("WANDB_ENTITY") or "")
@@ -909,7 +909,7 @@ def report_spec(report) -> dict:
 
 def make_wandb_report(rows: list[dict], records: list[dict], out_dir: Path) -> list[str]:
     """Build the report; save it when W&B is configured online, else write its specification as JSON."""
-    from bench import tracking
+    from bench.report import tracking
     notes: list[str] = []
     try:
         report = build_report(rows, records)
@@ -928,7 +928,7 @@ def make_wandb_report(rows: list[dict], records: list[dict], out_dir: Path) -> l
         spec_path.write_text(json.dumps({"format": "wandb_workspaces.reports.v2 ReportViewspec",
                                          "saved": False, "report": spec}, indent=1))
         notes.append(f"W&B report specification written to {spec_path} (save it when online with "
-                     f"`bench.leaderboard.save_report_spec`)")
+                     f"`bench.report.leaderboard.save_report_spec`)")
     except Exception as exc:
         notes.append(f"W&B report specification could not be written: {exc!r}")
     return notes

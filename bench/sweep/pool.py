@@ -2,7 +2,7 @@
 
 Tune trials cannot wait on other trials, so a pool's members are not Tune trials of their own: the ``amt``
 trial reserves a placement group (an empty head bundle for itself plus one bundle per member it may run at
-once, see ``bench.sweep``), trains every member that is not already in the sweep's member cache as a Ray task
+once, see ``bench.sweep.driver``), trains every member that is not already in the sweep's member cache as a Ray task
 in one of those bundles (the members of one pool run in parallel, on any node of the cluster), and once all
 of them finished runs the merging trial (test-time merging, validation and test few-shot evaluation) as one
 more task there. Each member is an ordinary ``bench run`` of its own (``run_trial``: its own folder,
@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.amt_pool import ADAPTER_FILE, MemberLock, MemberSpec, RunMember, finished_result
+from bench.sweep.amt_pool import ADAPTER_FILE, MemberLock, MemberSpec, RunMember, finished_result
 
 def _train_member(run_member: RunMember, overrides: dict, train_dir: str) -> tuple[dict, bytes]:
     """One member's training (a Ray task). The adapter travels back with the result: the pool's node may
     not see ``train_dir`` when the results folder is not on a shared file system."""
-    from bench.tracking import close_service
+    from bench.report.tracking import close_service
 
     try:
         result = run_member(overrides, Path(train_dir))
@@ -54,7 +54,7 @@ def task_options(cpus: float, gpus: float) -> dict[str, Any]:
 
 
 def ray_member_runner(cpus: float, gpus: float, poll_s: float = 2.0):
-    """A ``bench.amt_pool`` runner that trains the members as Ray tasks of ``cpus``/``gpus`` each."""
+    """A ``bench.sweep.amt_pool`` runner that trains the members as Ray tasks of ``cpus``/``gpus`` each."""
 
     def runner(specs: Sequence[MemberSpec], run_member: RunMember) -> list[dict]:
         import ray
@@ -117,7 +117,7 @@ def ray_member_runner(cpus: float, gpus: float, poll_s: float = 2.0):
 
 
 def _merge_trial(cfg, out_dir: str, kwargs: dict) -> dict:
-    from bench.tracking import close_service
+    from bench.report.tracking import close_service
     from bench.trial import run_trial
 
     try:

@@ -1,0 +1,1 @@
+"""Reports: reading results, statistics, tables, plots (leaderboard) and W&B runs (tracking)."""
