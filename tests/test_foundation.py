@@ -1,6 +1,7 @@
 """The spine: config resolution, pgd_linf, AutoAttack, the DeepSpeed engine, backbones."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -169,3 +170,29 @@ def test_dist_env_never_reuses_a_parent_rendezvous_port(monkeypatch, env, kept):
         assert after["MASTER_PORT"] not in (None, env.get("MASTER_PORT"))
         assert after["RANK"] == "0" and after["WORLD_SIZE"] == "1"
         assert after["BENCH_SINGLE_PROCESS_DIST"] == f"{os.getpid()}:{after['MASTER_PORT']}"
+
+
+@pytest.mark.parametrize("data, read", [
+    ("text ü", lambda p: p.read_text()),
+    (b"\x00bytes", lambda p: p.read_bytes()),
+])
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path, data, read):
+    from bench.files import atomic_write
+    target = tmp_path / "sub" / "f"
+    atomic_write(target, "old")
+    atomic_write(target, data)
+    assert read(target) == data
+    assert [p.name for p in target.parent.iterdir()] == ["f"]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from bench.files import atomic_write, atomic_write_json
+    target = atomic_write_json(tmp_path / "r.json", {"a": 1})
+
+    def broken(p):
+        p.write_text('{"a": ')  # half written, then the writer dies
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
