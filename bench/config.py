@@ -16,10 +16,7 @@ from typing import Any
 import yaml
 
 from methods import get_method, list_methods
-from methods.base import BaseConfig
-
-# Settings that change how fast a run goes, not what it computes: left out of the config hash.
-NON_SEMANTIC = {"num_workers", "eval_batch_size", "channels_last", "compile", "seed"}
+from methods.base import ROLES, BaseConfig, field_roles
 
 _FRACTION = re.compile(r"^\s*([-+]?[0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
@@ -116,11 +113,26 @@ def parse_set_args(items: list[str]) -> dict[str, str]:
     return out
 
 
-def config_hash(cfg: BaseConfig | dict) -> str:
-    """Hash of the settings that determine a result (seed and speed switches left out)."""
-    d = cfg if isinstance(cfg, dict) else cfg.to_dict()
-    d = {k: v for k, v in d.items() if k not in NON_SEMANTIC}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def config_hash(cfg: BaseConfig | dict, *, ignore: tuple[str, ...] = ("seed", "speed")) -> str:
+    """Hash of the config fields whose role (``methods.base.ROLES``) is not in ``ignore``; by default the
+    settings that determine a result (seed and speed switches left out), as recorded in result.json.
+
+    A dict (a result's ``config``, an args.yaml) is read with the roles of its method's config class; keys
+    that are not fields of that class (bookkeeping such as out_dir) are left out. For a method that is no
+    longer registered, BaseConfig's roles apply and every other key counts."""
+    bad = set(ignore) - set(ROLES)
+    if bad:
+        raise ValueError(f"ignore={tuple(ignore)}: unknown role(s) {sorted(bad)}; valid: {', '.join(ROLES)}")
+    if isinstance(cfg, dict):
+        try:
+            roles = field_roles(get_method(cfg.get("method")).Config)
+        except KeyError:
+            roles = {**{k: "result" for k in cfg}, **field_roles(BaseConfig)}
+        values = cfg
+    else:
+        roles, values = field_roles(cfg), cfg.to_dict()
+    kept = {k: v for k, v in values.items() if k in roles and roles[k] not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def save_config(cfg: BaseConfig, path: Path) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.attacks import eval_mode
-from methods.base import TrainContext
+from methods.base import TrainContext, field_roles, setting
 from methods.merge import diff_augment, merge_weights, merged_overrides, support_score
 from methods.pmf import ProtoNetLoRA, ProtoNetLoRAConfig, episode_to, prototypes
 from methods.registry import register_method
@@ -62,19 +62,37 @@ class AMTConfig(ProtoNetLoRAConfig):
     # authors' code; the published numbers come from it); projected: the sum also projected onto the eps-ball
     pyramid_projection: str = "reference"
     awp_eta: float = 1e-4  # eta1: relative size of the LoRA weight perturbation; 0 switches it off
-    # pool: one member per attack strength, eps in /255 units (0.01/255 ... 8/255)
-    pool_size: int = 4
-    pool_eps: list[float] = field(default_factory=lambda: [0.01, 0.1, 6.0, 8.0])
-    member_eps: float | None = None  # set for one member's trial (/255 units); None with pool_dir None: train a pool
-    pool_dir: str | None = None  # a pool manifest (pool.json) or its folder: merge its members at test time
+    # pool: one member per attack strength, eps in /255 units (0.01/255 ... 8/255). Role "pool": these fields
+    # shape only the pool's assembly, merging and test evaluation, never one member's training, so members
+    # whose configs differ only here are the same member (bench/sweep/amt_pool.py caches them by the rest).
+    pool_size: int = setting(4, role="pool")
+    pool_eps: list[float] = setting(role="pool", default_factory=lambda: [0.01, 0.1, 6.0, 8.0])
+    member_eps: float | None = setting(None, role="pool",
+                                       doc="set for one member's trial (/255 units); None with pool_dir None: "
+                                           "train a pool")
+    pool_dir: str | None = setting(None, role="pool",
+                                   doc="a pool manifest (pool.json) or its folder: merge its members at test time")
     # test-time merging
-    merge_top_k: int = 2
-    merge_lambda: float = 0.5  # intra/inter blend of the member score, in [0, 1]
-    merge_beta: float = 6.0  # temperature of w = exp(beta (s - 1)), in [1, 12]
-    trim_rho: float = 1.0  # fraction of the rank kept by singular-value trimming of merged weights; 1 = off
-    trim_modules: str = ".*"  # regex over adapted layer names that trimming applies to
-    merge_aug_p: float = 0.9  # DiffAugment probability for support scoring
-    merge_seed: int = 1234
+    merge_top_k: int = setting(2, role="pool")
+    merge_lambda: float = setting(0.5, role="pool", doc="intra/inter blend of the member score, in [0, 1]")
+    merge_beta: float = setting(6.0, role="pool", doc="temperature of w = exp(beta (s - 1)), in [1, 12]")
+    trim_rho: float = setting(1.0, role="pool", doc="fraction of the rank kept by singular-value trimming of "
+                                                    "merged weights; 1 = off")
+    trim_modules: str = setting(".*", role="pool", doc="regex over adapted layer names that trimming applies to")
+    merge_aug_p: float = setting(0.9, role="pool", doc="DiffAugment probability for support scoring")
+    merge_seed: int = setting(1234, role="pool")
+    # Inherited fields that only the merged pool's test evaluation reads (a member is trained and validated
+    # without them): redeclared with the inherited default, role "pool".
+    adapter_path: str | None = setting(ProtoNetLoRAConfig.adapter_path, role="pool")
+    episodes: int = setting(ProtoNetLoRAConfig.episodes, role="pool")
+    n_eval: int | None = setting(ProtoNetLoRAConfig.n_eval, role="pool")
+    eval_pgd_steps: int = setting(ProtoNetLoRAConfig.eval_pgd_steps, role="pool")
+    autoattack_version: str = setting(ProtoNetLoRAConfig.autoattack_version, role="pool")
+    test_time_ft_steps: int = setting(ProtoNetLoRAConfig.test_time_ft_steps, role="pool")
+    test_time_ft_lr: float = setting(ProtoNetLoRAConfig.test_time_ft_lr, role="pool")
+    test_time_ft_aug_p: float = setting(ProtoNetLoRAConfig.test_time_ft_aug_p, role="pool")
+    target_datasets: list[str] | None = setting(ProtoNetLoRAConfig.target_datasets, role="pool")
+    fewshot_autoattack: str = setting(ProtoNetLoRAConfig.fewshot_autoattack, role="pool")
 
     def __post_init__(self) -> None:
         for name, value in RECIPES.get(self.recipe, RECIPES["paper"]).items():
@@ -104,13 +122,8 @@ class AMTConfig(ProtoNetLoRAConfig):
                 raise ValueError(f"pool/member eps {e} must be in [0, 255] (/255 units, e.g. 8 for 8/255)")
 
 
-# Fields that shape only the pool's assembly, merging and test evaluation, never one member's training:
-# members whose configs differ only here are the same member (bench/sweep/amt_pool.py caches them by the rest).
-POOL_ONLY_FIELDS = ("pool_size", "pool_eps", "member_eps", "pool_dir", "adapter_path", "merge_top_k",
-                    "merge_lambda", "merge_beta", "trim_rho", "trim_modules", "merge_aug_p", "merge_seed",
-                    "episodes", "n_eval", "eval_pgd_steps", "autoattack_version", "test_time_ft_steps",
-                    "test_time_ft_lr", "test_time_ft_aug_p", "target_datasets",
-                    "fewshot_autoattack")
+# The fields of role "pool" (kept as a name for bench/sweep until it reads the roles itself).
+POOL_ONLY_FIELDS = tuple(name for name, role in field_roles(AMTConfig).items() if role == "pool")
 
 
 def pool_eps_list(cfg: AMTConfig) -> list[float]:

@@ -28,6 +28,33 @@ AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "apgd-ce", "off")
 # Resize(146)+CenterCrop(128) (AMT, PMF); none: the stored image at image_size.
 TRANSFORMS = ("auto", "cifar", "imagenet224", "amt128", "none")
 
+# What a config field is to the bench (stored in the dataclass field's metadata under "role"):
+# result: may change a number, so it is part of the config hash (the default);
+# seed: the seed, left out of the hash that groups a config's seeds;
+# speed: changes how fast a run goes, never a number (workers, batch size of evaluation, memory layout, compile);
+# pool: shapes only the assembly, merging and test evaluation of a pool (AMT), never one member's training.
+ROLES = ("result", "seed", "speed", "pool")
+
+
+def setting(default: Any = dataclasses.MISSING, *, role: str = "result",
+            default_factory: Any = dataclasses.MISSING, doc: str = "") -> Any:
+    """A config field with its role (one of ROLES) and a short description, for ``@dataclass`` configs."""
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}; valid: {', '.join(ROLES)}")
+    return field(default=default, default_factory=default_factory, metadata={"role": role, "doc": doc})
+
+
+def field_roles(cfg_or_cls: Any) -> dict[str, str]:
+    """Each config field's role. A field redeclared without a role (a subclass changing a default) keeps
+    the role of the class it overrides, so a new default never moves a field into or out of the hash."""
+    cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
+    roles = {}
+    for f in dataclasses.fields(cls):
+        declared = (vars(c).get("__dataclass_fields__", {}).get(f.name) for c in cls.__mro__)
+        roles[f.name] = next((d.metadata["role"] for d in declared if d is not None and "role" in d.metadata),
+                             "result")
+    return roles
+
 
 @dataclass
 class BaseConfig:
@@ -37,7 +64,7 @@ class BaseConfig:
     method: str = ""
     dataset: str = "digits"
     backbone: str = "cifar_resnet18_aa"
-    seed: int = 0
+    seed: int = setting(0, role="seed")
     # budget
     epochs: int = 60
     max_train_samples: int | None = None  # None: the whole training split
@@ -53,7 +80,7 @@ class BaseConfig:
     eval_step_size: float = 2 / 255
     # optimisation
     batch_size: int = 128
-    eval_batch_size: int = 256
+    eval_batch_size: int = setting(256, role="speed", doc="batch size of evaluation and validation")
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -62,8 +89,8 @@ class BaseConfig:
     zero_stage: int = 0
     bf16: bool = False  # DeepSpeed bf16: bf16 weights and compute, fp32 master copy
     bf16_autocast: bool = False  # training steps (attack included) under bf16 autocast; evaluation fp32
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: bool = setting(False, role="speed", doc="NHWC memory layout for the convolutions")
+    compile: bool = setting(False, role="speed", doc="compile the engine's module in place (attacks included)")
     # data
     image_size: int | None = None  # None: the manifest's size
     augment: bool = True  # training-time augmentation of `transform` (off: its eval transform for training too)
@@ -71,7 +98,7 @@ class BaseConfig:
     # Model-side resize (nearest, before normalisation) as AutoLoRa's authors' model does for CIFAR (32 -> 224):
     # the attack and eps stay on the stored image; None: the network sees the stored image.
     input_resize: int | None = None
-    num_workers: int = 0
+    num_workers: int = setting(0, role="speed", doc="data loader worker processes")
     shuffle_buffer: int = 2000
     pretrained: bool = False  # timm backbones: load hub/cached weights
 

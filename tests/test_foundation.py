@@ -43,10 +43,83 @@ def test_bad_config_is_one_line_error(method, overrides, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_config_hash_ignores_seed_and_speed_switches():
-    a = resolve_config("rft", {"seed": "0"})
-    assert config_hash(a) == config_hash(resolve_config("rft", {"seed": "1", "num_workers": "2"}))
-    assert config_hash(a) != config_hash(resolve_config("rft", {"eps": "4/255"}))
+@pytest.mark.parametrize("method, a, b, ignore, same", [
+    ("rft", {"seed": "0"}, {"seed": "1", "num_workers": "2"}, ("seed", "speed"), True),
+    ("rft", {}, {"eval_batch_size": "64", "channels_last": "true", "compile": "true"}, ("seed", "speed"), True),
+    ("rft", {}, {"eps": "4/255"}, ("seed", "speed"), False),
+    ("rft", {"seed": "0"}, {"seed": "1"}, ("speed",), False),
+    ("amt", {}, {"merge_beta": "3"}, ("seed", "speed"), False),
+    ("amt", {}, {"merge_beta": "3", "episodes": "10", "target_datasets": "[digits]"}, ("speed", "pool"), True),
+    ("amt", {}, {"lambda_adv": "3"}, ("speed", "pool"), False),
+    ("pmf", {}, {"episodes": "10"}, ("seed", "speed"), False),
+])
+def test_config_hash_leaves_out_the_ignored_roles(method, a, b, ignore, same):
+    ha, hb = (config_hash(resolve_config(method, o), ignore=ignore) for o in (a, b))
+    assert (ha == hb) is same
+
+
+# config blocks of result.json files written before fields had roles, with the config_hash recorded then
+PINS = json.loads((ROOT / "tests" / "fixtures" / "config_hash_pins.json").read_text())
+
+
+@pytest.mark.parametrize("pin", PINS, ids=[p["config"]["method"] for p in PINS])
+def test_config_hash_of_a_recorded_config_is_unchanged(pin):
+    assert config_hash(pin["config"]) == pin["config_hash"]
+    # bookkeeping keys beside the fields are not part of the config
+    assert config_hash({**pin["config"], "out_dir": "runs/x", "trial_id": "t1"}) == pin["config_hash"]
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_config_hash_is_the_hash_before_roles(method):
+    """The rule before fields had roles: every field but the seed and four speed switches, by name."""
+    import hashlib
+
+    cfg = resolve_config(method, {"seed": "5", "num_workers": "1"})
+    before = {k: v for k, v in cfg.to_dict().items()
+              if k not in {"num_workers", "eval_batch_size", "channels_last", "compile", "seed"}}
+    expected = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert config_hash(cfg) == config_hash(cfg.to_dict()) == expected
+
+
+@pytest.mark.parametrize("method, field, role", [
+    ("rft", "seed", "seed"), ("rft", "eps", "result"), ("rft", "num_workers", "speed"),
+    ("autolora", "eval_batch_size", "speed"), ("twins", "compile", "speed"), ("pmf", "channels_last", "speed"),
+    ("pmf", "episodes", "result"), ("amt", "lambda_adv", "result"), ("amt", "epochs", "result"),
+] + [("amt", name, "pool") for name in (  # AMT's merge-only settings before they were roles
+    "pool_size", "pool_eps", "member_eps", "pool_dir", "adapter_path", "merge_top_k", "merge_lambda", "merge_beta",
+    "trim_rho", "trim_modules", "merge_aug_p", "merge_seed", "episodes", "n_eval", "eval_pgd_steps",
+    "autoattack_version", "test_time_ft_steps", "test_time_ft_lr", "test_time_ft_aug_p", "target_datasets",
+    "fewshot_autoattack")])
+def test_field_roles(method, field, role):
+    from methods import get_method
+    from methods.base import field_roles
+
+    cls = get_method(method).Config
+    assert field_roles(cls)[field] == role == field_roles(cls())[field]
+
+
+def test_redeclared_field_keeps_its_role_and_amt_keeps_inherited_defaults():
+    import dataclasses
+
+    from methods.amt import POOL_ONLY_FIELDS, AMTConfig
+    from methods.base import field_roles, setting
+    from methods.pmf import ProtoNetLoRAConfig
+
+    @dataclasses.dataclass
+    class Faster(AMTConfig):
+        num_workers: int = 4  # a new default, no role: still a speed switch
+        episodes: int = 20
+        merge_beta: float = setting(6.0, role="result")  # an explicit role wins
+
+    roles = field_roles(Faster)
+    assert (roles["num_workers"], roles["episodes"], roles["merge_beta"]) == ("speed", "pool", "result")
+    parent, amt = ProtoNetLoRAConfig(), AMTConfig()
+    assert all(getattr(amt, n) == getattr(parent, n) for n in POOL_ONLY_FIELDS if hasattr(parent, n))
+    assert list(amt.to_dict()) == list(parent.to_dict()) + [n for n in amt.to_dict() if not hasattr(parent, n)]
+    with pytest.raises(ValueError, match="valid: result, seed, speed, pool"):
+        setting(0, role="fast")
+    with pytest.raises(ValueError, match="unknown role"):
+        config_hash(amt, ignore=("pool", "speedy"))
 
 
 def test_baselines_registered():
