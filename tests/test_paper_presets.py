@@ -52,7 +52,7 @@ def test_paper_preset_settings(method, dataset, want):
 
 def test_every_paper_trial_resolves_with_its_own_data_set_settings():
     """No data set's settings leak into another's trials, on the sweep's side or the trial's."""
-    from bench.sweep.driver import _trial_setup
+    from bench.sweep.trainables import _trial_setup
 
     spec = load_sweep(PAPER)
     ctx = {"results": "/tmp/unused", "name": spec.name, "space_keys": sorted(spec.space),

@@ -468,7 +468,7 @@ def test_driver_waits_for_late_result_files_before_the_leaderboard(tmp_path, cap
     import threading
 
     from bench.report.leaderboard import build_leaderboard
-    from bench.sweep.driver import wait_for_result_files
+    from bench.sweep.results import wait_for_result_files
 
     rec = {"id": "x", "method": "rft", "dataset": "digits", "status": "ok",
            "metrics": {"clean_acc": 0.7, "pgd_acc": 0.3, "eps": 1 / 255}}

@@ -1,21 +1,15 @@
-"""``bench sweep FILE.yaml``: a Ray Tune sweep of trials, each one ``bench run`` with sampled settings.
+"""``bench sweep FILE.yaml``: the command and the Tune run: the sweep's trials (each one ``bench run`` with
+sampled settings, bench.sweep.trainables) on a Ray cluster, then its results (bench.sweep.results).
 
-* A trial is :func:`bench.trial.run_trial` (same code path, same ``result.json``) in
-  ``RESULTS/<method>_s<seed>_<trial id>/``; it reports every epoch to Tune (train loss, validation metrics,
-  lr, λ ...) with the epoch's checkpoint folder, so ASHA can stop bad trials and a lost trial restarts from
-  its last epoch.
-* Trials with ``resources.workers > 1`` run a Ray Train ``TorchTrainer`` inside the Tune trial (the
-  Train-inside-Tune pattern of Ray >= 2.43): every worker runs ``run_trial`` under DeepSpeed in Ray's
-  worker environment (its torch backend sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
-  and joins the process group), every rank saves its part of DeepSpeed's checkpoint, one worker per node
-  reports the trial's folder, rank 0's metrics reach Tune through ``TuneReportCallback``; the trainer
-  retries failed workers from the last checkpoint (``FailureConfig``).
+* Trials write ``RESULTS/<method>_s<seed>_<trial id>/`` (bench.sweep.folders) and report every epoch to
+  Tune with their folder as the checkpoint, so ASHA can stop bad trials and a lost trial restarts from its
+  last epoch. Trials with ``resources.workers > 1`` run a Ray Train ``TorchTrainer`` inside the Tune trial.
 * Code travels with Ray's runtime_env (``py_modules``: the suite's packages), so worker nodes need the
   suite's dependencies installed but not its source. ``--storage`` (a path every node sees, or an object
   store URI such as ``s3://bucket/prefix``) is Tune's storage: trials then run in a node-local folder and
-  every report's files (checkpoints, history.json, result.json) travel through it into ``RESULTS``, so
-  nodes need no shared disk. Without it, storage is ``RESULTS/_tune`` and trials write ``RESULTS`` directly
-  (one node, or ``RESULTS`` on a shared file system).
+  every report's files (checkpoints, history.json, result.json) travel through it into ``RESULTS``
+  (bench.sweep.callbacks), so nodes need no shared disk. Without it, storage is ``RESULTS/_tune`` and trials
+  write ``RESULTS`` directly (one node, or ``RESULTS`` on a shared file system).
 * Tune's own state lives in ``RESULTS/_tune/<name>``; ``--resume`` restores it: finished trials are not
   rerun, unfinished and errored ones continue from their checkpoints.
 * A trial that raises writes ``result.json`` with ``"status": "error"`` and re-raises, so Tune records the
@@ -25,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -34,8 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-OBJECTIVE = "objective"  # the key every trial reports its validation metric under (per-method metric names differ)
-TUNE_DIR = "_tune"
+from bench.files import atomic_write_json
+from bench.sweep.folders import TUNE_DIR, trial_folder
+from bench.sweep.trainables import OBJECTIVE, _trial_setup, sweep_trial
+
 MEMBERS_DIR = "_members"  # AMT pool members, shared by the sweep's amt trials (bench.sweep.pool)
 PACKAGES = ("bench", "methods", "data_shards")  # the suite's code, shipped to every node (runtime_env py_modules)
 # Environment a trial process needs from the driver (a remote cluster's workers do not inherit it).
@@ -105,13 +100,8 @@ def resolve_data_root(data_root: str | Path | None) -> Path:
     return Path(root).expanduser().resolve()
 
 
-def trial_dir_name(method: str, seed: int, trial_id: str) -> str:
-    return f"{method}_s{seed}_{trial_id}"
-
-
 def _dirname_creator(trial) -> str:
-    cfg = trial.config
-    return trial_dir_name(cfg.get("method", "trial"), cfg.get("seed", 0), trial.trial_id)
+    return trial_folder(trial.config, trial.trial_id)
 
 
 def _param_space(spec) -> dict[str, Any]:
@@ -234,7 +224,7 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     if resume and not exists:
         raise ValueError(f"nothing to resume: {exp_dir} does not exist")
     results.mkdir(parents=True, exist_ok=True)
-    (results / "sweep.json").write_text(json.dumps(_spec_record(spec, data_root), indent=2, default=str))
+    atomic_write_json(results / "sweep.json", _spec_record(spec, data_root))
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Tune's own result.json stays out of RESULTS
@@ -246,14 +236,15 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     if spec.gpus == 0:  # CPU trials (Ray hides the GPUs from them): DeepSpeed need not detect, and warn about, it
         env.setdefault("DS_ACCELERATOR", "cpu")
     started = _init_ray(address, num_cpus, env)
-    import logging
-
     # Tune's own result.json/progress.csv are switched off (see above); its "could not fetch metrics" is noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if verbose < 2:
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
     import ray
     from ray import tune
+
+    from bench.sweep.callbacks import ProgressLines, ResultFileCallback
+    from bench.sweep.results import _leaderboard, _test_merge_selections, summarize, wait_for_result_files
 
     try:
         if spec.gpus > 0 and not ray.cluster_resources().get("GPU"):
@@ -317,45 +308,6 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     return summary
 
 
-def wait_for_result_files(results: Path, trial_names: list[str], timeout_s: float = 60.0) -> list[str]:
-    """Wait until each ``results/<trial>/result.json`` exists and parses; return the trials still missing."""
-    deadline = time.monotonic() + timeout_s
-    missing = list(trial_names)
-    while True:
-        still = []
-        for name in missing:
-            try:
-                json.loads((Path(results) / name / "result.json").read_text())
-            except (OSError, ValueError):
-                still.append(name)
-        missing = still
-        if not missing or time.monotonic() >= deadline:
-            return missing
-        time.sleep(0.5)
-
-
-def _test_merge_selections(spec, results: Path, ctx: dict) -> None:
-    """A merge search's second step: per target, the candidate that validated best is tested once
-    (bench.sweep.merge_search), each test a Ray task with one trial's resources."""
-    import ray
-
-    from bench.sweep.merge_search import load_candidates, select, test_selected
-    from bench.sweep.pool import _merge_trial, task_options
-
-    selections = select(load_candidates(results, spec.name), sorted(spec.space))
-    task = ray.remote(_merge_trial).options(**task_options(spec.cpus, spec.gpus))
-    kwargs = {"data_root": ctx["data_root"], "progress": False, "group": spec.name, "track": True,
-              "sweep": {"name": spec.name, "stage": "test of the per-target selection"}}
-
-    def run(cfg, out_dir):
-        return ray.get(task.remote(cfg, str(out_dir), kwargs))
-
-    for sel in selections:
-        print(f"bench sweep: {spec.name}: {sel['target']}: selected {sel['settings']} "
-              f"({sel['metric']} {sel['value']:.4f} of {sel['candidates']} candidates); testing it", flush=True)
-    test_selected(selections, results, run)
-
-
 def _pool_parallel(spec, cluster: dict) -> int:
     """How many AMT pool members one trial may train at once: as many as the cluster holds trials."""
     caps = [8]
@@ -396,381 +348,6 @@ def _spec_record(spec, data_root: Path) -> dict:
             "search": spec.search, "num_samples": spec.num_samples, "seeds": spec.seeds,
             "resources": {"cpus": spec.cpus, "gpus": spec.gpus, "workers": spec.workers},
             "data_root": str(data_root)}
-
-
-def summarize(grid, results: Path, spec, wall_s: float) -> dict[str, Any]:
-    """Per-trial status from the result.json files (the source of truth), printed as one block."""
-    rows = []
-    for r in grid:
-        trial_id = Path(r.path).name if r.path else "?"
-        status = "error" if r.error else "ok"
-        rows.append({"trial": trial_id, "status": status, "error": str(r.error).splitlines()[0] if r.error else None,
-                     OBJECTIVE: (r.metrics or {}).get(OBJECTIVE)})
-    files = {}
-    for path in sorted(results.glob("*/result.json")):
-        try:
-            files[path.parent.name] = json.loads(path.read_text()).get("status", "ok")
-        except (OSError, json.JSONDecodeError):
-            files[path.parent.name] = "unreadable"
-    n_ok = sum(1 for s in files.values() if s == "ok")
-    summary = {"name": spec.name, "results": str(results), "n_trials": len(rows), "n_ok": n_ok,
-               "n_error": sum(1 for r in rows if r["status"] == "error"), "wall_s": round(wall_s, 1),
-               "trials": rows, "result_files": files}
-    (results / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"bench sweep: {spec.name}: {n_ok}/{len(rows)} trials ok, {summary['n_error']} errors, "
-          f"{wall_s:.0f} s; results in {results}", flush=True)
-    for name, status in files.items():
-        if status != "ok":
-            print(f"  {name}: {status}")
-    return summary
-
-
-def _leaderboard(results: Path, wandb_log: bool) -> None:
-    try:
-        from bench.report.leaderboard import build_leaderboard
-    except ImportError as e:
-        print(f"bench sweep: no leaderboard ({e})")
-        return
-    build_leaderboard(results, wandb_log=wandb_log, console=True)
-    sys.stdout.flush()
-
-
-# --------------------------------------------------------------------------------------------- callbacks
-
-try:
-    from ray.tune import Callback as _TuneCallback
-except Exception:  # noqa: BLE001 - Ray missing: the module still imports for `bench --help`
-    _TuneCallback = object
-
-
-class ResultFileCallback(_TuneCallback):
-    """With ``fetch`` (trials run in node-local folders), each checkpoint a trial reports (its folder:
-    checkpoints, history.json, finally result.json) is copied from Tune's storage into RESULTS/<trial>.
-    A trial that ends without a result.json (stopped by ASHA, lost with its node) gets one saying why."""
-
-    def __init__(self, results: str, fetch: bool = False, storage: str | None = None):
-        self.results, self.fetch, self.storage = results, fetch, storage
-
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        if self.fetch and checkpoint is not None:
-            self._fetch(trial, checkpoint)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        # a multi-worker trial's checkpoints are Ray Train's, named in its reports (TuneReportCallback)
-        path = result.get("checkpoint_path")
-        if self.fetch and path:
-            import pyarrow.fs
-            from ray import tune
-
-            uri = self.storage if "://" in self.storage else Path(self.storage).as_uri()
-            self._fetch(trial, tune.Checkpoint(path, filesystem=pyarrow.fs.FileSystem.from_uri(uri)[0]))
-
-    def _fetch(self, trial, checkpoint) -> None:
-        out = Path(self.results) / trial_dir_name(trial.config.get("method", "trial"), trial.config.get("seed", 0),
-                                                  trial.trial_id)
-        staging = out.with_name(f".{out.name}.fetch")
-        shutil.rmtree(staging, ignore_errors=True)
-        checkpoint.to_directory(str(staging))
-        _merge_tree(staging, out)
-        shutil.rmtree(staging, ignore_errors=True)
-
-    def _write(self, trial, status: str, reason: str) -> None:
-        out = Path(self.results) / trial_dir_name(trial.config.get("method", "trial"), trial.config.get("seed", 0),
-                                                  trial.trial_id)
-        path = out / "result.json"
-        if path.exists() or not (out.exists() or self.fetch):
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        cfg = trial.config
-        rec = {"id": trial.trial_id, "method": cfg.get("method"), "seed": cfg.get("seed"), "status": status,
-               "error": reason, "sweep": {"trial_id": trial.trial_id}, "last_result": _jsonable(trial.last_result)}
-        tmp = path.with_name(".result.json.tmp")
-        tmp.write_text(json.dumps(rec, indent=2, default=str))
-        os.replace(tmp, path)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._write(trial, "stopped", "stopped early by the scheduler")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._write(trial, "error", "trial failed without writing a result (see Tune's error file)")
-
-
-class ProgressLines(_TuneCallback):
-    """What a user follows during a sweep: one line per trial start, finished epoch, end and error."""
-
-    def __init__(self, n_trials: int, t_start: float):
-        self.n_trials, self.t_start, self.n_done = n_trials, t_start, 0
-
-    def _say(self, text: str) -> None:
-        print(f"[{time.time() - self.t_start:6.0f} s] {text}", flush=True)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._say(f"{trial.trial_id}: started ({trial.config.get('method')}, seed {trial.config.get('seed')})")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "done_result" in result:  # the final report: test metrics
-            tests = [f"{k[5:]} {result[k]:.3f}" for k in ("test_clean_acc", "test_pgd_acc", "test_autoattack_acc",
-                                                            "test_adv_acc") if k in result]
-            self._say(f"{trial.trial_id}: tested: {', '.join(tests) or 'done'}")
-            return
-        vals = [f"{k} {v:.3f}" for k, v in result.items()
-                if k.startswith("val_") and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        epoch = result.get("epoch")
-        self._say(f"{trial.trial_id}: epoch {int(epoch) if epoch is not None else '?'}"
-                  + (f" train_loss {result['train_loss']:.3f}" if "train_loss" in result else "")
-                  + (", " + ", ".join(vals) if vals else ""))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.n_done += 1
-        self._say(f"{trial.trial_id}: finished ({self.n_done}/{self.n_trials} trials done)")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.n_done += 1
-        self._say(f"{trial.trial_id}: FAILED ({self.n_done}/{self.n_trials}); error file: {trial.error_file}")
-
-
-def _merge_tree(src: Path, dst: Path) -> None:
-    """Copy ``src`` over ``dst``, each file replaced atomically; the epoch folders of ``dst/checkpoints``
-    that ``src`` no longer has are removed (``latest`` moved on)."""
-    for f in sorted(src.rglob("*")):
-        if f.is_file():
-            target = dst / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copy2(f, tmp)
-            os.replace(tmp, target)
-    if (src / "checkpoints").is_dir():
-        for old in (dst / "checkpoints").glob("epoch*"):
-            if not (src / "checkpoints" / old.name).exists():
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def _jsonable(d: dict | None) -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, (int, float, str, bool)) or v is None:
-            out[k] = v
-    return out
-
-
-# ------------------------------------------------------------------------------------------- the trial
-
-def _report_metrics(row: dict, metric: str) -> dict[str, Any]:
-    out = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    value = row.get(metric)
-    if value is None:  # keep Tune's metric present: fall back to what validation did compute
-        value = row.get("val_clean_acc", row.get("val_fewshot_acc"))
-    out[OBJECTIVE] = float(value) if value is not None else float("nan")
-    out["metric_name"] = metric
-    try:
-        import ray
-
-        out["node_id"] = ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - informative only
-        pass
-    return out
-
-
-def _final_metrics(result: dict, metric: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"done_result": 1.0}
-    for block in ("metrics", "fewshot"):
-        for k, v in (result.get(block) or {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"test_{k}"] = float(v)
-    hist = result.get("history") or []
-    if hist:
-        out.update(_report_metrics(hist[-1], metric))
-    out.setdefault(OBJECTIVE, float("nan"))
-    return out
-
-
-def _restore_checkpoint(ckpt, out_dir: Path) -> None:
-    """A trial restarted on a node that lacks its folder (no shared disk, or node-local trial folders) gets
-    it back from the last checkpoint it reported to Tune's storage (the trial's folder)."""
-    from bench.engine import LATEST
-
-    if ckpt is None or (out_dir / "checkpoints" / LATEST).exists():
-        return
-    with ckpt.as_directory() as src:
-        _merge_tree(Path(src), out_dir)
-
-
-def _report_dir(out_dir: Path):
-    """What a report carries as its checkpoint: the trial's folder (DeepSpeed's checkpoint of the last
-    epoch, best.pt, history.json, at the end result.json)."""
-    from ray import tune
-
-    return tune.Checkpoint.from_directory(str(out_dir))
-
-
-def _trial_out_dir(ctx: dict, name: str) -> Path:
-    """RESULTS/<trial>, or with ``--storage`` a folder of the trial's own node (Tune's trial folder there):
-    its files reach RESULTS through the storage."""
-    if ctx.get("node_local"):
-        from ray import tune
-
-        return Path(tune.get_context().get_trial_dir()) / name
-    return Path(ctx["results"]) / name
-
-
-def _log_attempt(out_dir: Path) -> None:
-    """One line per start of this trial (first run, retry after a failure, resume): node and start epoch."""
-    import ray
-
-    from bench.engine import LATEST
-
-    start_epoch = 0
-    last = out_dir / "checkpoints" / LATEST
-    if last.exists() and (out_dir / "history.json").exists():
-        try:
-            start_epoch = len(json.loads((out_dir / "history.json").read_text()))
-        except (OSError, json.JSONDecodeError):
-            pass
-    out_dir.mkdir(parents=True, exist_ok=True)
-    line = {"time": time.time(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-            "start_epoch": start_epoch, "resumed": last.exists()}
-    with open(out_dir / "attempts.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
-def _trial_setup(config: dict, ctx: dict, trial_id: str, out_dir: str | Path | None = None):
-    from bench.config import resolve_config
-
-    method, seed = config["method"], int(config["seed"])
-    sampled = {k: config[k] for k in ctx["space_keys"]}
-    fixed = ctx["spec_fixed"][method]
-    dataset = sampled.get("dataset", fixed.get("dataset"))
-    overrides = {**fixed, **ctx.get("per_dataset", {}).get(method, {}).get(dataset, {}), **sampled, "seed": seed}
-    name = trial_dir_name(method, seed, trial_id)
-    out_dir = Path(out_dir) if out_dir is not None else Path(ctx["results"]) / name
-    swept = {"method": method, "seed": seed, **sampled}
-    sweep_info = {"name": ctx["name"], "trial_id": trial_id, "swept": swept}
-    cfg = resolve_config(method, overrides)
-    return cfg, out_dir, sweep_info, ctx["metrics"][method]
-
-
-def _quiet_trial_logs() -> None:
-    """Informational lines every trial process would forward to the driver; warnings and errors stay."""
-    import logging
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per epoch
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
-
-
-def sweep_trial(config: dict, ctx: dict) -> None:
-    """The Tune trainable: one trial of the sweep."""
-    from ray import tune
-
-    trial_id = tune.get_context().get_trial_id()
-    _quiet_trial_logs()
-    name = trial_dir_name(config["method"], int(config["seed"]), trial_id)
-    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id, _trial_out_dir(ctx, name))
-    from bench.trial import is_pool_config, run_trial, write_error_result
-
-    if is_pool_config(cfg):
-        return _pool_trial(ctx, trial_id, cfg, out_dir, sweep_info, metric)
-    if ctx["workers"] > 1:
-        return _multi_worker_trial(config, ctx, trial_id, cfg, out_dir)
-
-    _restore_checkpoint(tune.get_checkpoint(), out_dir)
-    _log_attempt(out_dir)
-
-    def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
-        tune.report(_report_metrics(row, metric), checkpoint=_report_dir(out_dir) if ckpt_dir is not None else None)
-
-    try:
-        result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
-                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True,
-                           evaluate=not ctx.get("merge_search"))  # merge-search candidates: validation only
-    except Exception as exc:
-        write_error_result(cfg, out_dir, exc, sweep=sweep_info)
-        raise
-    finally:
-        from bench.report.tracking import close_service
-
-        close_service()
-    # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done);
-    # the folder goes with it, so that result.json reaches RESULTS through the storage.
-    tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
-
-
-def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, metric: str) -> None:
-    """An AMT pool trial: members as parallel Ray tasks (cached across the sweep's trials), then the merged
-    pool's validation and test evaluation; one report to Tune (see bench.sweep.pool)."""
-    from ray import tune
-
-    from bench.sweep.pool import run_pool_trial
-    from bench.trial import write_error_result
-
-    _log_attempt(out_dir)
-    try:
-        result = run_pool_trial(cfg, out_dir, data_root=ctx["data_root"], cpus=ctx["cpus"], gpus=ctx["gpus"],
-                                cache=Path(ctx["members"]), run_id=trial_id, group=ctx["name"], sweep=sweep_info,
-                                evaluate=not ctx.get("merge_search"))
-    except Exception as exc:
-        write_error_result(cfg, out_dir, exc, sweep=sweep_info)
-        raise
-    tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
-
-
-def _multi_worker_trial(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Path) -> None:
-    """``workers`` DeepSpeed processes, one per Ray Train worker, driven from this Tune trial; the workers'
-    reports (metrics and checkpoints, the last with result.json) reach Tune through TuneReportCallback."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    resources = {"CPU": ctx["cpus"]}
-    if ctx["gpus"]:
-        resources["GPU"] = ctx["gpus"]
-    trainer = TorchTrainer(
-        train_worker_loop,
-        train_loop_config={"config": dict(config), "ctx": ctx, "trial_id": trial_id, "out_dir": str(out_dir)},
-        scaling_config=ScalingConfig(num_workers=ctx["workers"], use_gpu=bool(ctx["gpus"]),
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=f"train_{trial_id}", storage_path=ctx["storage"],
-                             # a lost worker restarts the group, which resumes from the last reported epoch
-                             failure_config=FailureConfig(max_failures=ctx.get("max_failures", 0)),
-                             callbacks=[TuneReportCallback()]),
-    )
-    trainer.fit()
-
-
-def train_worker_loop(loop_cfg: dict) -> None:
-    """One Ray Train worker: ``run_trial`` as this worker's rank. Ray's torch backend has set the torch
-    environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and joined the process group,
-    which DeepSpeed then uses as it is."""
-    import ray.train as rt
-
-    from bench.engine import local_rank
-
-    _quiet_trial_logs()
-    config, ctx, trial_id = loop_cfg["config"], loop_cfg["ctx"], loop_cfg["trial_id"]
-    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id, loop_cfg["out_dir"])
-    from bench.trial import run_trial, write_error_result
-
-    rank = rt.get_context().get_world_rank()
-    # one worker per node reports the trial's folder, which on that node holds every local rank's part of
-    # DeepSpeed's checkpoint; Ray Train merges the nodes' parts into one checkpoint in the storage
-    reports_dir = local_rank() == 0
-    if reports_dir:
-        _restore_checkpoint(rt.get_checkpoint(), out_dir)
-
-    def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
-        ckpt = rt.Checkpoint.from_directory(str(out_dir)) if ckpt_dir is not None and reports_dir else None
-        rt.report(_report_metrics(row, metric), checkpoint=ckpt)
-
-    try:
-        result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
-                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True)
-    except Exception as exc:
-        if rank == 0:
-            write_error_result(cfg, out_dir, exc, sweep=sweep_info)
-        raise
-    # every worker reports once more (Ray Train counts reports per worker); rank 0's metrics are Tune's,
-    # and its folder, now with result.json, is the last checkpoint
-    ckpt = rt.Checkpoint.from_directory(str(out_dir)) if reports_dir else None
-    rt.report(_final_metrics(result, metric) if rank == 0 else {OBJECTIVE: float("nan")}, checkpoint=ckpt)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -119,7 +119,7 @@ def test_selected(selections: list[dict], results: str | Path,
     """Run each selection's test evaluation (``run(cfg, out_dir) -> result``, e.g. bench.trial.run_trial)
     into ``results/selected/<method>_<target>_<hash>/`` and record the selection in its result.json."""
     from bench.config import config_hash
-    from bench.trial import write_json_atomic
+    from bench.files import atomic_write_json
 
     out = []
     for sel in selections:
@@ -128,6 +128,6 @@ def test_selected(selections: list[dict], results: str | Path,
         result = run(cfg, out_dir)
         record = {k: v for k, v in sel.items() if k != "config"}
         result = {**result, "merge_selection": record}
-        write_json_atomic(result, out_dir / "result.json")
+        atomic_write_json(out_dir / "result.json", result)
         out.append(result)
     return out

@@ -14,12 +14,11 @@ retries (``max_failures``): the retry finds the finished members in the cache.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench.files import atomic_write, atomic_write_json
 from bench.sweep.amt_pool import ADAPTER_FILE, MemberLock, MemberSpec, RunMember, finished_result
 
 def _train_member(run_member: RunMember, overrides: dict, train_dir: str) -> tuple[dict, bytes]:
@@ -32,13 +31,6 @@ def _train_member(run_member: RunMember, overrides: dict, train_dir: str) -> tup
     finally:
         close_service()
     return result, (Path(train_dir) / ADAPTER_FILE).read_bytes()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def task_options(cpus: float, gpus: float) -> dict[str, Any]:
@@ -103,8 +95,8 @@ def ray_member_runner(cpus: float, gpus: float, poll_s: float = 2.0):
                     finally:
                         locks.pop(i).release()
                     if not spec.trained_adapter.is_file():  # trained on a node whose disk we do not see
-                        _write_atomic(spec.trained_adapter, adapter)
-                        _write_atomic(spec.train_dir / "result.json", json.dumps(result, default=str).encode())
+                        atomic_write(spec.trained_adapter, adapter)
+                        atomic_write_json(spec.train_dir / "result.json", result)
                     results[i] = result
         finally:
             for lock in locks.values():

@@ -1,0 +1,231 @@
+"""The functions Tune calls: one sweep trial (``sweep_trial``, one process or a Ray Train group of DeepSpeed
+workers), each a :func:`bench.trial.run_trial` that reports every epoch (metrics and its folder as the
+checkpoint) to Tune and its test metrics at the end."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.sweep.folders import merge_tree, trial_dir_name
+
+OBJECTIVE = "objective"  # the key every trial reports its validation metric under (per-method metric names differ)
+
+def _report_metrics(row: dict, metric: str) -> dict[str, Any]:
+    out = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    value = row.get(metric)
+    if value is None:  # keep Tune's metric present: fall back to what validation did compute
+        value = row.get("val_clean_acc", row.get("val_fewshot_acc"))
+    out[OBJECTIVE] = float(value) if value is not None else float("nan")
+    out["metric_name"] = metric
+    try:
+        import ray
+
+        out["node_id"] = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - informative only
+        pass
+    return out
+
+
+def _final_metrics(result: dict, metric: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"done_result": 1.0}
+    for block in ("metrics", "fewshot"):
+        for k, v in (result.get(block) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"test_{k}"] = float(v)
+    hist = result.get("history") or []
+    if hist:
+        out.update(_report_metrics(hist[-1], metric))
+    out.setdefault(OBJECTIVE, float("nan"))
+    return out
+
+
+def _restore_checkpoint(ckpt, out_dir: Path) -> None:
+    """A trial restarted on a node that lacks its folder (no shared disk, or node-local trial folders) gets
+    it back from the last checkpoint it reported to Tune's storage (the trial's folder)."""
+    from bench.engine import LATEST
+
+    if ckpt is None or (out_dir / "checkpoints" / LATEST).exists():
+        return
+    with ckpt.as_directory() as src:
+        merge_tree(Path(src), out_dir)
+
+
+def _report_dir(out_dir: Path):
+    """What a report carries as its checkpoint: the trial's folder (DeepSpeed's checkpoint of the last
+    epoch, best.pt, history.json, at the end result.json)."""
+    from ray import tune
+
+    return tune.Checkpoint.from_directory(str(out_dir))
+
+
+def _trial_out_dir(ctx: dict, name: str) -> Path:
+    """RESULTS/<trial>, or with ``--storage`` a folder of the trial's own node (Tune's trial folder there):
+    its files reach RESULTS through the storage."""
+    if ctx.get("node_local"):
+        from ray import tune
+
+        return Path(tune.get_context().get_trial_dir()) / name
+    return Path(ctx["results"]) / name
+
+
+def _log_attempt(out_dir: Path) -> None:
+    """One line per start of this trial (first run, retry after a failure, resume): node and start epoch."""
+    import ray
+
+    from bench.engine import LATEST
+
+    start_epoch = 0
+    last = out_dir / "checkpoints" / LATEST
+    if last.exists() and (out_dir / "history.json").exists():
+        try:
+            start_epoch = len(json.loads((out_dir / "history.json").read_text()))
+        except (OSError, json.JSONDecodeError):
+            pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    line = {"time": time.time(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "start_epoch": start_epoch, "resumed": last.exists()}
+    with open(out_dir / "attempts.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _trial_setup(config: dict, ctx: dict, trial_id: str, out_dir: str | Path | None = None):
+    from bench.config import resolve_config
+
+    method, seed = config["method"], int(config["seed"])
+    sampled = {k: config[k] for k in ctx["space_keys"]}
+    fixed = ctx["spec_fixed"][method]
+    dataset = sampled.get("dataset", fixed.get("dataset"))
+    overrides = {**fixed, **ctx.get("per_dataset", {}).get(method, {}).get(dataset, {}), **sampled, "seed": seed}
+    name = trial_dir_name(method, seed, trial_id)
+    out_dir = Path(out_dir) if out_dir is not None else Path(ctx["results"]) / name
+    swept = {"method": method, "seed": seed, **sampled}
+    sweep_info = {"name": ctx["name"], "trial_id": trial_id, "swept": swept}
+    cfg = resolve_config(method, overrides)
+    return cfg, out_dir, sweep_info, ctx["metrics"][method]
+
+
+def _quiet_trial_logs() -> None:
+    """Informational lines every trial process would forward to the driver; warnings and errors stay."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per epoch
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
+
+
+def sweep_trial(config: dict, ctx: dict) -> None:
+    """The Tune trainable: one trial of the sweep."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    _quiet_trial_logs()
+    name = trial_dir_name(config["method"], int(config["seed"]), trial_id)
+    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id, _trial_out_dir(ctx, name))
+    from bench.trial import is_pool_config, run_trial, write_error_result
+
+    if is_pool_config(cfg):
+        return _pool_trial(ctx, trial_id, cfg, out_dir, sweep_info, metric)
+    if ctx["workers"] > 1:
+        return _multi_worker_trial(config, ctx, trial_id, cfg, out_dir)
+
+    _restore_checkpoint(tune.get_checkpoint(), out_dir)
+    _log_attempt(out_dir)
+
+    def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
+        tune.report(_report_metrics(row, metric), checkpoint=_report_dir(out_dir) if ckpt_dir is not None else None)
+
+    try:
+        result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
+                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True,
+                           evaluate=not ctx.get("merge_search"))  # merge-search candidates: validation only
+    except Exception as exc:
+        write_error_result(cfg, out_dir, exc, sweep=sweep_info)
+        raise
+    finally:
+        from bench.report.tracking import close_service
+
+        close_service()
+    # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done);
+    # the folder goes with it, so that result.json reaches RESULTS through the storage.
+    tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
+
+
+def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, metric: str) -> None:
+    """An AMT pool trial: members as parallel Ray tasks (cached across the sweep's trials), then the merged
+    pool's validation and test evaluation; one report to Tune (see bench.sweep.pool)."""
+    from ray import tune
+
+    from bench.sweep.pool import run_pool_trial
+    from bench.trial import write_error_result
+
+    _log_attempt(out_dir)
+    try:
+        result = run_pool_trial(cfg, out_dir, data_root=ctx["data_root"], cpus=ctx["cpus"], gpus=ctx["gpus"],
+                                cache=Path(ctx["members"]), run_id=trial_id, group=ctx["name"], sweep=sweep_info,
+                                evaluate=not ctx.get("merge_search"))
+    except Exception as exc:
+        write_error_result(cfg, out_dir, exc, sweep=sweep_info)
+        raise
+    tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
+
+
+def _multi_worker_trial(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Path) -> None:
+    """``workers`` DeepSpeed processes, one per Ray Train worker, driven from this Tune trial; the workers'
+    reports (metrics and checkpoints, the last with result.json) reach Tune through TuneReportCallback."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = {"CPU": ctx["cpus"]}
+    if ctx["gpus"]:
+        resources["GPU"] = ctx["gpus"]
+    trainer = TorchTrainer(
+        train_worker_loop,
+        train_loop_config={"config": dict(config), "ctx": ctx, "trial_id": trial_id, "out_dir": str(out_dir)},
+        scaling_config=ScalingConfig(num_workers=ctx["workers"], use_gpu=bool(ctx["gpus"]),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"train_{trial_id}", storage_path=ctx["storage"],
+                             # a lost worker restarts the group, which resumes from the last reported epoch
+                             failure_config=FailureConfig(max_failures=ctx.get("max_failures", 0)),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def train_worker_loop(loop_cfg: dict) -> None:
+    """One Ray Train worker: ``run_trial`` as this worker's rank. Ray's torch backend has set the torch
+    environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and joined the process group,
+    which DeepSpeed then uses as it is."""
+    import ray.train as rt
+
+    from bench.engine import local_rank
+
+    _quiet_trial_logs()
+    config, ctx, trial_id = loop_cfg["config"], loop_cfg["ctx"], loop_cfg["trial_id"]
+    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id, loop_cfg["out_dir"])
+    from bench.trial import run_trial, write_error_result
+
+    rank = rt.get_context().get_world_rank()
+    # one worker per node reports the trial's folder, which on that node holds every local rank's part of
+    # DeepSpeed's checkpoint; Ray Train merges the nodes' parts into one checkpoint in the storage
+    reports_dir = local_rank() == 0
+    if reports_dir:
+        _restore_checkpoint(rt.get_checkpoint(), out_dir)
+
+    def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
+        ckpt = rt.Checkpoint.from_directory(str(out_dir)) if ckpt_dir is not None and reports_dir else None
+        rt.report(_report_metrics(row, metric), checkpoint=ckpt)
+
+    try:
+        result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
+                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True)
+    except Exception as exc:
+        if rank == 0:
+            write_error_result(cfg, out_dir, exc, sweep=sweep_info)
+        raise
+    # every worker reports once more (Ray Train counts reports per worker); rank 0's metrics are Tune's,
+    # and its folder, now with result.json, is the last checkpoint
+    ckpt = rt.Checkpoint.from_directory(str(out_dir)) if reports_dir else None
+    rt.report(_final_metrics(result, metric) if rank == 0 else {OBJECTIVE: float("nan")}, checkpoint=ckpt)
