@@ -17,6 +17,9 @@ import pytest
 from scipy import stats
 
 from bench.report import leaderboard as lb
+from bench.report.stats import pareto_front
+from bench.report.tables import print_table
+from bench.report.wandb_report import load_report_file, report_to_dict
 
 FIX = Path(__file__).parent / "fixtures" / "leaderboard"
 
@@ -97,7 +100,7 @@ def test_pareto_front(board):
     front = {r["method"] for r in rows if r["dataset"] == "digits" and r["pareto"]}
     assert front == {"autolora", "rft", "amt"}  # vanilla is dominated by rft
     assert {r["method"] for r in rows if r["dataset"] == "cifar10" and r["pareto"]} == {"amt"}
-    assert lb.pareto_front([(0.9, 0.4), (0.8, 0.5), (0.7, 0.3), (0.9, 0.4)]) == [True, True, False, True]
+    assert pareto_front([(0.9, 0.4), (0.8, 0.5), (0.7, 0.3), (0.9, 0.4)]) == [True, True, False, True]
 
 
 def test_malformed_results_reported_and_skipped(board, capsys):
@@ -165,32 +168,38 @@ def test_offline_wandb_leaderboard_run_contains_rows(tmp_path):
     assert runrec.job_type == "leaderboard" and runrec.run_group == "smoke"
 
 
-def test_wandb_report_spec_offline(tmp_path):
+def test_wandb_report_file_offline(tmp_path):
     notes: list = []
     lb.build_leaderboard(FIX, tmp_path, wandb_report=True, console=False, notes=notes)
-    spec_file = tmp_path / "wandb_report.json"
-    assert spec_file.exists(), notes
-    spec = json.loads(spec_file.read_text())
-    assert spec["saved"] is False
-    blocks = spec["report"]["spec"]["blocks"]
-    grids = [b for b in blocks if b["type"] == "panel-grid"]
-    panels = [p for g in grids for p in g["metadata"]["panelBankSectionConfig"]["panels"]]
-    kinds = [p["viewType"] for p in panels]
-    assert "Weave" in kinds and "Parallel Coordinates Plot" in kinds and "Run Comparer" in kinds
-    text = json.dumps(spec)
-    assert '"leaderboard"' in text  # the summary table panel reads the leaderboard table
-    scatters = [p["config"] for p in panels if p["viewType"] == "Scatter Plot"]
-    titles = {s["chartTitle"].split(":")[0] for s in scatters}
-    assert titles == {"digits", "cifar10", "cub"}  # one clean-vs-robust scatter per data set
-    assert {"xAxis": "summary:clean_acc", "yAxis": "summary:autoattack_acc"}.items() <= scatters[0].items() or \
-        any(s.get("yAxis") in ("summary:autoattack_acc", "summary:pgd_acc") for s in scatters)
-    pc = [p["config"] for p in panels if p["viewType"] == "Parallel Coordinates Plot"][0]
-    assert {"accessor": "config:lr.value"} in pc["columns"]  # the swept setting
-    groupings = [rs.get("grouping") for g in grids for rs in g["metadata"]["runSets"] if rs.get("grouping")]
-    assert any(gr[0]["name"].startswith("method") for gr in groupings)
-    # the specification round-trips into a Report that can be saved later
-    rep = lb.load_report_spec(spec_file)
-    assert rep.title == "Robust LoRA leaderboard" and len(rep.blocks) >= 5
+    report_file = tmp_path / "wandb_report.json"
+    assert report_file.exists(), notes
+    saved = json.loads(report_file.read_text())
+    assert saved["saved"] is False
+    spec = saved["report"]
+    assert spec["type"] == "Report" and spec["title"] == "Robust LoRA leaderboard"
+    grids = [b for b in spec["blocks"] if b["type"] == "PanelGrid"]
+    panels = [p for g in grids for p in g["panels"]]
+    kinds = [p["type"] for p in panels]
+    assert {"WeavePanelSummaryTable", "ParallelCoordinatesPlot", "RunComparer", "LinePlot", "BarPlot"} <= set(kinds)
+    assert [p["table_name"] for p in panels if p["type"] == "WeavePanelSummaryTable"] == ["leaderboard"]
+    scatters = [p for p in panels if p["type"] == "ScatterPlot"]
+    assert {s["title"].split(":")[0] for s in scatters} == {"digits", "cifar10", "cub"}  # one per data set
+    axes = {(s["x"]["type"], s["x"]["name"], s["y"]["name"]) for s in scatters}
+    assert ("SummaryMetric", "clean_acc", "autoattack_acc") in axes
+    assert ("SummaryMetric", "fewshot/clean_acc", "fewshot/adv_acc") in axes  # cub is few-shot only
+    (pc,) = [p for p in panels if p["type"] == "ParallelCoordinatesPlot"]
+    assert {"type": "Config", "name": "lr"} in [c["metric"] for c in pc["columns"]]  # the swept setting
+    runsets = [rs for g in grids for rs in g["runsets"]]
+    assert any(rs["groupby"] == ["config.method"] for rs in runsets)
+    assert "Config('dataset') = 'digits'" in [rs["filters"] for rs in runsets]
+    # the file round-trips through the public constructors into the Report that was built
+    rep = load_report_file(report_file)
+    assert type(rep).__name__ == "Report" and len(rep.blocks) == len(spec["blocks"]) >= 5
+    assert report_to_dict(rep) == spec
+    with pytest.raises(ValueError, match="not a report"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"format": "something else", "report": {}}))
+        load_report_file(bad)
 
 
 def _chromium() -> str | None:
@@ -286,7 +295,7 @@ def test_rows_are_ranked_within_comparison_groups(tmp_path):
             targets=[{"dataset": "cub", "ways": 5, "shots": 1, "clean_acc": 0.42, "adv_acc": 0.2}])
     out = io.StringIO()
     rows = lb.build_leaderboard(res, tmp_path / "board", console=False)
-    lb.print_table(rows, [], file=out)
+    print_table(rows, [], file=out)
     groups = {g: [(r["method"], r["rank"]) for r in rows if r["group"] == g] for g in dict.fromkeys(
         r["group"] for r in rows)}
     assert groups == {

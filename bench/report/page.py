@@ -1,0 +1,117 @@
+"""The leaderboard page (leaderboard.html): one self-contained HTML file with a sortable table per comparison
+group (a few lines of JavaScript, no network), the plots inlined as PNG data and the skipped files."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from bench.files import atomic_write
+from bench.report.formats import cell, group_columns, row_groups
+
+# Why the table is written by hand rather than by DataFrame.to_html / Styler: every cell carries its raw value
+# in data-sort (the sorter's key) and each row its method in data-method, which neither can attach per cell.
+_HTML_JS = r"""
+function makeSortable(table) {
+  var state = {col: -1, asc: true};
+  function key(td) {
+    var v = td.getAttribute('data-sort');
+    if (v === null || v === '') return null;
+    var f = parseFloat(v);
+    return isNaN(f) ? v.toLowerCase() : f;
+  }
+  function sortBy(col) {
+    var asc = state.col === col ? !state.asc : true;
+    state = {col: col, asc: asc};
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.forEach(function (r, i) { r._i = i; });
+    rows.sort(function (a, b) {
+      var x = key(a.cells[col]), y = key(b.cells[col]);
+      if (x === null && y === null) return a._i - b._i;
+      if (x === null) return 1;            /* empty cells last in both directions */
+      if (y === null) return -1;
+      var c = (typeof x === 'number' && typeof y === 'number') ? x - y : String(x).localeCompare(String(y));
+      if (c === 0) return a._i - b._i;
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+    var ths = table.tHead.rows[0].cells;
+    for (var i = 0; i < ths.length; i++) {
+      ths[i].setAttribute('aria-sort', i === col ? (asc ? 'ascending' : 'descending') : 'none');
+    }
+  }
+  var ths = table.tHead.rows[0].cells;
+  for (var i = 0; i < ths.length; i++) {
+    (function (i) { ths[i].addEventListener('click', function () { sortBy(i); }); })(i);
+  }
+  return sortBy;
+}
+/* one sortable table per comparison group; sortLeaderboard(col, g) sorts group g's table (default the first) */
+var sorters = Array.prototype.map.call(document.querySelectorAll('table.leaderboard'), makeSortable);
+window.sortLeaderboard = function (col, g) { sorters[g || 0](col); };
+"""
+
+_HTML_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+th{background:#f0f0f0;cursor:pointer;user-select:none}
+th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
+td.s{text-align:left} tr.pareto td:first-child{font-weight:bold}
+td.better{background:#d9f2d9} td.worse{background:#f7d6d6}
+img{max-width:100%;margin-top:1em}
+"""
+
+
+def _html_table(index: int, label: str, rows: list[dict]) -> list[str]:
+    cols = group_columns(rows)
+    out = [f"<h2>{html.escape(label)}</h2>",
+           f"<table class='leaderboard' id='leaderboard-{index}' data-group='{html.escape(label, quote=True)}'>"
+           "<thead><tr>"]
+    out += [f"<th data-key='{html.escape(k)}'>{html.escape(h)}</th>" for k, h, _ in cols]
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        cls = " class='pareto'" if r.get("pareto") else ""
+        out.append(f"<tr{cls} data-method='{html.escape(str(r['method']))}'>")
+        for k, _, kd in cols:
+            v = r.get(k)
+            sort = "" if v is None else (repr(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         else str(v))
+            tdcls = []
+            if kd == "str":
+                tdcls.append("s")
+            if k == "vs_baseline" and v in ("better", "worse"):
+                tdcls.append(v)
+            c = f" class='{' '.join(tdcls)}'" if tdcls else ""
+            out.append(f"<td{c} data-sort='{html.escape(sort, quote=True)}'>{html.escape(cell(r, k, kd))}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return out
+
+
+def write_html(rows: list[dict], path: Path, problems: list[tuple[str, str]], images: list[Path]) -> None:
+    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+           "<title>Robust LoRA leaderboard</title>", f"<style>{_HTML_CSS}</style></head><body>",
+           "<h1>Robust LoRA leaderboard</h1>",
+           "<p>One table per comparison group (data set · task · threat model and eps): rows are ranked and "
+           "compared only within their group. Accuracies in %, mean ± sample std over seeds. Click a column "
+           "header to sort (again to reverse). vs baseline: Welch's t-test within the group, p &lt; 0.05, "
+           "both n ≥ 2.</p>"]
+    for gi, (label, group_rows) in enumerate(row_groups(rows)):
+        out += _html_table(gi, label, group_rows)
+    for img in images:
+        try:
+            b64 = base64.b64encode(Path(img).read_bytes()).decode()
+            out.append(f"<h2>{html.escape(Path(img).stem)}</h2><img alt='{html.escape(Path(img).stem)}' "
+                       f"src='data:image/png;base64,{b64}'>")
+        except OSError:
+            pass
+    if problems:
+        out.append("<h2>Skipped results</h2><ul>")
+        out += [f"<li><code>{html.escape(p)}</code>: {html.escape(w)}</li>" for p, w in problems]
+        out.append("</ul>")
+    out.append(f"<script>{_HTML_JS}</script></body></html>")
+    atomic_write(path, "\n".join(out))
+
+
