@@ -135,3 +135,35 @@ def test_wandb_disabled_and_never_raises(tmp_path, monkeypatch):
     notes = run.finish({"metrics": {"clean_acc": 0.5}})
     assert any("metrics.jsonl" in n for n in notes)
     assert len(tracking.read_metrics(tmp_path / "t")) == 2
+
+
+def _final_summary(records) -> dict:
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.summary.update})
+    return summary
+
+
+# (config's select_metric, the metric that should summarise as its best, another metric that keeps its last)
+SELECTION_CASES = [
+    (None, "val_pgd_acc", "val_fewshot_acc"),  # the BaseConfig default
+    ("val_pgd_acc", "val_pgd_acc", "val_clean_acc"),  # autolora, rft, amt
+    ("val_fewshot_acc", "val_fewshot_acc", "val_pgd_acc"),  # pmf
+    ("val_clean_acc", "val_clean_acc", "val_pgd_acc"),  # vanilla fine-tuning
+]
+
+
+@pytest.mark.parametrize("select_metric,best,last", SELECTION_CASES)
+def test_summary_of_selection_metric_is_its_best_epoch(tmp_path, select_metric, best, last):
+    config = {"method": "m"} if select_metric is None else {"method": "m", "select_metric": select_metric}
+    run = tracking.start_run(config, tmp_path / "trial", run_id="sel0001", name="t", group=None, tags=[],
+                             job_type="m")
+    per_epoch = [0.3, 0.5, 0.4]  # the best epoch is not the last
+    for e, v in enumerate(per_epoch):
+        run.log({"val_pgd_acc": v, "val_clean_acc": v, "val_fewshot_acc": v}, step=e)
+    run.finish({"metrics": {"clean_acc": 0.9}})
+    summary = _final_summary(_records(run.run_dir))
+    assert summary[best] == {"max": 0.5}
+    assert summary[last] == 0.4
+    assert summary["clean_acc"] == 0.9

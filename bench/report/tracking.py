@@ -257,11 +257,18 @@ def _init(wandb: Any, mode: str, kwargs: dict, timeout: float | None) -> Any:
     return wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
 
 
-def _define_metrics(run: Any) -> None:
+# The validation metric that selects the checkpoint unless a config names another (methods.base.BaseConfig), and
+# how selection ranks it: methods.base.selection_key keeps the epoch with its largest value.
+DEFAULT_SELECT_METRIC = "val_pgd_acc"
+SELECT_MODE = "max"
+
+
+def _define_metrics(run: Any, select_metric: str = DEFAULT_SELECT_METRIC, select_mode: str = SELECT_MODE) -> None:
+    """Per-epoch metrics against ``epoch``; the run summary of the selection metric is its best value (the one
+    of the epoch selection keeps), not the last epoch's; other metrics summarise as their last value."""
     run.define_metric("epoch")
     run.define_metric("*", step_metric="epoch")
-    run.define_metric("val_pgd_acc", step_metric="epoch", summary="max")
-    run.define_metric("val_clean_acc", step_metric="epoch", summary="max")
+    run.define_metric(select_metric, step_metric="epoch", summary=select_mode)
     run.define_metric("train_loss", step_metric="epoch", summary="min")
 
 
@@ -333,14 +340,15 @@ def start_run(config: dict, out_dir: Path, *, run_id: str, name: str, group: str
 
     The W&B run lands in ``out_dir/wandb/`` beside result.json, with id ``run_id`` (``resume="allow"``: a
     restarted trial continues the same run), ``group`` (the sweep name), ``job_type`` (the method) and ``tags``.
-    Per-epoch metrics use ``epoch`` as step metric; ``val_pgd_acc`` summarises as its max (best robust epoch).
+    Per-epoch metrics use ``epoch`` as step metric; the method's selection metric (``config["select_metric"]``,
+    e.g. ``val_pgd_acc``, ``val_fewshot_acc`` for pmf) summarises as its best value.
     """
     try:
         run, used, notes = open_run(out_dir, run_id=run_id, name=name, group=group, tags=list(tags or []),
                                     job_type=job_type, config=config, resume="allow")
         if run is not None:
             try:
-                _define_metrics(run)
+                _define_metrics(run, str((config or {}).get("select_metric") or DEFAULT_SELECT_METRIC))
             except Exception as exc:
                 notes.append(f"W&B define_metric failed: {exc!r}")
         return TrackedRun(out_dir, run, used, notes, run_id)
