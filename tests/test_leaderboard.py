@@ -321,3 +321,29 @@ def test_rows_are_ranked_within_comparison_groups(tmp_path):
     assert len(re.findall(r"│ autolora +│", printed)) == 1 and len(re.findall(r"│ pmf +│", printed)) == 3
     with open(tmp_path / "board" / "leaderboard.csv") as fh:
         assert [t["group"] for t in csv.DictReader(fh)] == [r["group"] for r in rows]  # W&B's table has them too
+
+
+# (result.json's folder under RESULTS, files beside the "members" folder's parent, skipped?)
+SKIP_CASES = [
+    ("trial_a", (), False),
+    ("_tune/sweep/trial_a", (), True),  # Tune's storage: copies of trial files
+    ("_members/eps0.03_ab12", (), True),  # a sweep's AMT member cache
+    ("_prerequisites/amt_member_0", (), True),  # a two-phase sweep's pool member runs
+    ("trial_a/wandb/offline-run-x/files", (), True),
+    ("amt_trial/members/member_0", ("pool.json",), True),  # a single `bench run` AMT pool
+    ("amt_trial/members/member_0", ("args.yaml",), True),
+    ("study/members/trial_b", (), False),  # a folder merely named "members" is not a trial's pool
+]
+
+
+@pytest.mark.parametrize("folder,markers,skipped", SKIP_CASES)
+def test_skip_rules(tmp_path, folder, markers, skipped):
+    from bench.report.results import load_results, skipped_folder
+    res = tmp_path / "results"
+    _result(res, folder, "rft")
+    for m in markers:
+        (res / folder.split("/members/")[0] / m).write_text("{}")
+    assert skipped_folder(res / folder / "result.json", res) is skipped
+    records, problems = load_results(res)
+    assert (len(records) == 0) is skipped
+    assert not [p for p, _ in problems if "member_0" in p or "trial_a" in p]  # a skipped file is no problem
