@@ -5,7 +5,8 @@ wandb_report).
 ``python -m bench leaderboard RESULTS_DIR [--out DIR] [--wandb] [--wandb-report]``
 
 Rows follow RobustBench's entry fields. Several seeds of one configuration (same method, dataset, backbone and
-resolved config apart from the seed) make one row with mean ± sample std (ddof=1) and n.
+``bench.config.config_hash`` of the resolved config: seed and speed switches left out) make one row with mean ±
+sample std (ddof=1) and n.
 
 Like with like: rows are ranked only within a comparison group -- the same data set (for cross-domain few-shot
 results, the target data set), the same task (supervised, or few-shot ways and shots) and the same threat model

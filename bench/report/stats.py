@@ -3,7 +3,6 @@ sample std, n), rows ranked within their comparison group, Welch's t-test agains
 Pareto front of clean vs robust accuracy."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from typing import Any
@@ -11,25 +10,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.config import config_hash
 from bench.report.results import (expand_targets, get, group_label, num, record_kind, record_task, record_threat,
                                   selected_settings)
 
 BASELINES = {"supervised": "rft", "fewshot": "pmf"}
 ALPHA = 0.05
-
-# config keys that differ between seeds/trials of one configuration without changing it
-_NON_CONFIG_KEYS = {"seed", "out", "out_dir", "output_dir", "results_dir", "run_id", "trial_id", "trial_name",
-                    "name", "wandb", "wandb_group", "wandb_project", "sweep", "sweep_name", "resume",
-                    # speed switches (bench.config.NON_SEMANTIC): they do not change a result
-                    "num_workers", "eval_batch_size", "channels_last", "compile"}
-
-
-def config_hash_without_seed(config: dict) -> str:
-    """Hash of the resolved config without the seed (and run bookkeeping keys): the seed-grouping key."""
-    clean = {k: v for k, v in (config or {}).items() if k not in _NON_CONFIG_KEYS}
-    blob = json.dumps(clean, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
 
 # One row per configuration: these columns of a trial together say which configuration it is.
 ROW_KEY = ["dataset", "task", "threat", "method", "backbone", "kind", "group_hash", "source_dataset"]
@@ -51,13 +37,13 @@ COMMON = {"pgd_steps": ("metrics", "pgd_steps"), "eps": ("metrics", "eps"),
 def records_frame(records: list[dict]) -> pd.DataFrame:
     """One frame row per trial (cross-domain few-shot targets expanded), with its row key and numbers."""
     rows = []
-    for rec in expand_targets(records):
+    for rec in expand_targets(records):  # group_hash: the config without seed, speed switches, bookkeeping
         kind = record_kind(rec)
         cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
         row: dict[str, Any] = {
             "dataset": rec["dataset"], "task": record_task(rec, kind), "threat": record_threat(rec),
             "method": rec["method"], "backbone": str(rec.get("backbone") or ""), "kind": kind,
-            "group_hash": config_hash_without_seed(cfg), "source_dataset": str(rec.get("source_dataset") or "")}
+            "group_hash": config_hash(cfg), "source_dataset": str(rec.get("source_dataset") or "")}
         row.update({col: num(get(rec, *where)) for col, where in {**MEAN_STD, **MEAN_ONLY}.items()})
         row.update({col: get(rec, *where) for col, where in COMMON.items()})
         row["selected"] = selected_settings(rec)
@@ -137,7 +123,7 @@ def group_records(records: list[dict]) -> list[dict]:
         row["fs_setting"] = f"{ways}-way {shots}-shot ×{episodes}" if ways is not None else None
         if row["kind"] == "fewshot":
             row["clean_acc"], row["clean_acc_std"] = row["fs_clean_acc"], row["fs_clean_acc_std"]
-        # result.json's config_hash leaves the seed out already; else the hash of the config without the seed
+        # result.json's config_hash (bench.config.config_hash at run time) where the seeds agree on one
         hashes = row.pop("_trial_hashes")
         row["config_hash"] = hashes[0] if len(hashes) == 1 else row["group_hash"]
         rows.append(row)
