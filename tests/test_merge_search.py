@@ -87,7 +87,8 @@ def test_shipped_cross_domain_files_resolve(name):
 
 
 def test_leaderboard_one_row_per_target_with_the_selected_settings(tmp_path):
-    from bench.report.leaderboard import group_records, load_results
+    from bench.report.results import load_results
+    from bench.report.stats import group_records
 
     block = {"ways": 5, "shots": 1, "episodes": 4, "clean_acc": 0.5, "adv_acc": 0.2}
     multi = {"id": "m", "method": "pmf", "dataset": "src", "config": {"target_datasets": ["x", "y"]},

@@ -369,7 +369,7 @@ AMT_TINY = {"epochs": 1, "episodes_per_epoch": 2, "episodes": 3, "val_episodes":
 def test_amt_pool_members_run_in_parallel_and_are_shared(tmp_path, shards_root, ray_2cpu):
     """Two AMT trials that differ only in a merge setting: the first trains its 2 members as parallel Ray
     tasks, the second finds them in the sweep's member cache; both merge and evaluate after their members."""
-    from bench.report.leaderboard import load_results
+    from bench.report.results import load_results
     from bench.sweep.driver import MEMBERS_DIR, run_sweep
     from bench.sweep.space import load_sweep
 
