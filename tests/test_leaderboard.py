@@ -189,6 +189,7 @@ def test_wandb_report_file_offline(tmp_path):
     assert ("SummaryMetric", "fewshot/clean_acc", "fewshot/adv_acc") in axes  # cub is few-shot only
     (pc,) = [p for p in panels if p["type"] == "ParallelCoordinatesPlot"]
     assert {"type": "Config", "name": "lr"} in [c["metric"] for c in pc["columns"]]  # the swept setting
+    assert {"type": "SummaryMetric", "name": "val_pgd_acc"} in [c["metric"] for c in pc["columns"]]  # selection
     runsets = [rs for g in grids for rs in g["runsets"]]
     assert any(rs["groupby"] == ["config.method"] for rs in runsets)
     assert "Config('dataset') = 'digits'" in [rs["filters"] for rs in runsets]

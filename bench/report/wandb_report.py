@@ -1,6 +1,6 @@
 """W&B side of the leaderboard: a leaderboard run (job_type "leaderboard": a wandb.Table of the rows and the
 Pareto plot) and a report comparing the trials' runs, built with wandb-workspaces' public Report API; saved when
-W&B is online, else kept as report.json (the Report's public fields, one "type" per object) to save later."""
+W&B is online, else kept as wandb_report.json (the Report's public fields, one "type" per object) to save later."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +12,8 @@ from typing import Any
 from bench.files import atomic_write
 from bench.report.formats import CSV_FIELDS
 from bench.report.results import get, swept_settings
+from bench.report.tracking import DEFAULT_SELECT_METRIC
+
 
 def table_columns_and_data(rows: list[dict]) -> tuple[list[str], list[list]]:
     cols = [c for c in CSV_FIELDS]
@@ -97,8 +99,9 @@ def build_report(rows: list[dict], records: list[dict], *, project: str | None =
                     for t, x, y in pairs]))
     swept = swept_settings(records)
     pc_cols = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in swept]
-    pc_cols += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric("pgd_acc")),
-                wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric("val_pgd_acc"))]
+    # each method's selection metric (its run summary is the best epoch's value, bench.report.tracking)
+    selection = sorted({str(get(r, "config", "select_metric") or DEFAULT_SELECT_METRIC) for r in records})
+    pc_cols += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(m)) for m in ["pgd_acc", *selection]]
     blocks += [
         wr.H2(text="Swept settings against robust accuracy"),
         wr.PanelGrid(runsets=[runset("sweep trials")],
@@ -106,7 +109,7 @@ def build_report(rows: list[dict], records: list[dict], *, project: str | None =
                                                         columns=pc_cols)]),
         wr.H2(text="Runs grouped by method"),
         wr.PanelGrid(runsets=[runset("by method", groupby=["config.method"])],
-                     panels=[wr.LinePlot(title="validation robust accuracy", x="epoch", y=["val_pgd_acc"]),
+                     panels=[wr.LinePlot(title="validation (selection metrics)", x="epoch", y=selection),
                              wr.BarPlot(title="final robust accuracy", metrics=[wr.SummaryMetric("pgd_acc")]),
                              wr.RunComparer()]),
     ]
