@@ -120,6 +120,10 @@ class ProtoNet(nn.Module):
                  freeze_norm: bool = True):
         super().__init__()
         self.backbone = backbone
+        # Episodes are classified against prototypes of features: the backbone's linear head is never used, so
+        # it is frozen rather than left in the optimizer and counted as trained.
+        if isinstance(getattr(backbone, "head", None), nn.Module):
+            freeze(backbone.head)
         # shape [1], not scalars: DeepSpeed's parameter broadcast cannot view 0-dim tensors
         self.scale_cls = nn.Parameter(torch.full((1,), float(scale_init)))
         self.bias = nn.Parameter(torch.zeros(1), requires_grad=learn_bias)
