@@ -53,3 +53,17 @@ def test_loader_headroom_against_the_paper_step():
     lv = report["loader_vs_training"]
     assert lv["paper_step_images_per_s"] == pytest.approx(200.0)
     assert lv["paper_rows"] == [{"workers": 4, "headroom": pytest.approx(5.0)}]
+
+
+def test_step_flops_counts_the_attack_and_the_training_forwards():
+    import torch
+
+    from bench.backbones import create_backbone
+    from bench.perf.paper_step import step_flops
+
+    model = create_backbone("tiny_cnn", 10).eval()
+    x = torch.rand(2, 3, 32, 32)
+    rft, autolora = step_flops(model, x, "rft", 10), step_flops(model, x, "autolora", 10)
+    assert rft > 0 and autolora / rft == pytest.approx(26 / 23)
+    assert step_flops(model, x, "rft", 0) == pytest.approx(rft * 3 / 23)
+    assert step_flops(model, x, "amt", 10) is None

@@ -120,16 +120,24 @@ def _parts(model, x, y) -> dict[str, Callable[[], None]]:
     return {"fwd_s": fwd, "fwd_input_grad_s": fwd_input_grad}
 
 
-def _flops(fn: Callable[[], Any]) -> float | None:
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
+# Training forwards per step, each followed by a backward to the weights (AutoLoRa: the LoRA branch on x and
+# the main branch on x_adv, one backward through both).
+TRAIN_FORWARDS = {"autolora": 2, "rft": 1}
 
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn()
-        return float(counter.get_total_flops())
-    except Exception:  # a kernel the counter does not know: report no MFU rather than a wrong one
+
+def step_flops(model, x, method: str, attack_steps: int) -> float | None:
+    """Model FLOPs of one step, from a counted forward: ``fwd x (2 x attack_steps + 3 x training forwards)``
+    (an attack iteration is a forward and a backward to the input, about 2 forwards; a training forward and
+    its backward to the weights and inputs, about 3). Counted on a forward alone because FlopCounterMode's
+    module hooks refuse ``torch.autograd.grad``, which every attack iteration calls (torch 2.14)."""
+    if method not in TRAIN_FORWARDS:
         return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return float(counter.get_total_flops()) * (2 * attack_steps + 3 * TRAIN_FORWARDS[method])
 
 
 def paper_step_benchmark(quick: bool = False) -> dict[str, Any]:
@@ -181,8 +189,8 @@ def paper_step_benchmark(quick: bool = False) -> dict[str, Any]:
                 with r["autocast"]():
                     fn()
                     row[name] = statistics.median(_timed(fn) for _ in range(max(1, reps)))
-        if key.endswith("fp32_eager"):
-            row["flops_per_step"] = _flops(r["step"])
+        if key.endswith("fp32_eager") and r["method"] != "amt":
+            row["flops_per_step"] = step_flops(r["engine"].module, r["data"][0], r["method"], 10)
         out["steps"][key] = row
     for method in ("autolora", "rft", "amt"):
         base, fast = out["steps"].get(f"{method}/fp32_eager", {}), out["steps"].get(f"{method}/fast", {})
@@ -192,6 +200,8 @@ def paper_step_benchmark(quick: bool = False) -> dict[str, Any]:
             if base.get("flops_per_step") and out["bf16_peak_flops"]:
                 fast["mfu_fastest"] = base["flops_per_step"] / best / out["bf16_peak_flops"]
     out["estimate"] = estimate(out["steps"], batch)
+    if not on_gpu:  # the same arithmetic on this CPU's figures: hours on this machine, not GPU-hours
+        out["estimate"] = {k.replace("gpu_hours", "hours_on_this_cpu"): v for k, v in out["estimate"].items()}
     out["wall_s"] = round(time.time() - t_start, 1)
     return out
 
