@@ -85,43 +85,47 @@ def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
 def run_trial(cfg: BaseConfig, out_dir: str | Path, *, data_root: str | Path | None = None,
               progress: bool = True, epoch_callback: EpochCallback | None = None, run_id: str | None = None,
               group: str | None = None, sweep: dict | None = None, track: bool = True,
-              evaluate: bool = True, pool_runner=None, pool_cache: str | Path | None = None) -> dict[str, Any]:
+              evaluate: bool = True, prerequisites_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one trial into ``out_dir`` and return its result (also written to ``out_dir/result.json``).
 
-    A pool method's trial (``amt`` without ``member_eps``/``pool_dir``) first trains its members through
-    ``pool_runner`` (default: one after the other here; a sweep passes a Ray runner), reusing members
-    found in ``pool_cache``, then merges and evaluates the pool."""
+    A trial whose method needs runs first (``Method.prerequisite_runs``, e.g. an ``amt`` pool's members)
+    runs them here, one after the other, into ``prerequisites_dir`` (default ``out_dir/_prerequisites``;
+    finished runs found there are reused), then the trial the method assembles from them."""
     out_dir = Path(out_dir)
     ds_dir = check_inputs(cfg, data_root)
     if is_pool_config(cfg):
         cfg = train_pool(cfg, out_dir, data_root=data_root, progress=progress, group=group, track=track,
-                         runner=pool_runner, cache=pool_cache)
+                         root=prerequisites_dir)
     return Trial(cfg, out_dir, ds_dir, progress=progress, epoch_callback=epoch_callback, run_id=run_id,
                  group=group, sweep=sweep, track=track, evaluate=evaluate, data_root=data_root).run()
 
 
 def train_pool(cfg: BaseConfig, out_dir: str | Path, *, data_root=None, progress: bool = True,
-               group: str | None = None, track: bool = True, runner=None, cache: str | Path | None = None):
-    """Train (or find) a pool config's members, write ``out_dir/pool.json``, and return the config of the
-    merging trial (``pool_dir`` set) that evaluates the pool."""
-    from bench.sweep.amt_pool import run_pool
+               group: str | None = None, track: bool = True, root: str | Path | None = None) -> BaseConfig:
+    """Run ``cfg``'s prerequisite runs (those not finished before) one after the other in ``root/<name>``
+    (default ``out_dir/_prerequisites``), then return the trial the method assembles from them (AMT: the
+    merging trial over the pool manifest it wrote into ``out_dir``)."""
+    from filelock import FileLock
 
-    def run_member(overrides: dict, member_dir: Path) -> dict:
-        member_cfg = type(cfg)(**{**cfg.to_dict(), **overrides})
-        # a member's own test evaluation would be thrown away: the pool is evaluated merged.
-        # Its run id is its config's (the member's identity), so a cached member keeps one W&B run.
-        return run_trial(member_cfg, member_dir, data_root=data_root, progress=progress, group=group,
-                         track=track, evaluate=False)
+    from bench.prerequisites import PREREQUISITES_DIR, assemble, finished_result, prerequisite_runs
 
-    pool_json = run_pool(cfg, out_dir, run_member, runner=runner, cache_dir=cache)
-    return type(cfg)(**{**cfg.to_dict(), "pool_dir": str(Path(pool_json).parent)})
+    root = Path(root) if root is not None else Path(out_dir) / PREREQUISITES_DIR
+    for run in prerequisite_runs(cfg):
+        run_dir = root / run.name
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        # runs in a shared folder (--pool-cache) may be wanted by two `bench run`s at once: trained once
+        with FileLock(str(run_dir) + ".lock"):
+            if finished_result(run_dir) is None:
+                # its own test evaluation would be thrown away: the trial that needs it is evaluated.
+                # Its run id is its config's (the run's identity), so a reused run keeps one W&B run.
+                run_trial(run.resolved(run_dir), run_dir, data_root=data_root, progress=progress, group=group,
+                          track=track, evaluate=False)
+    return assemble(cfg, root, out_dir)
 
 
 def is_pool_config(cfg: BaseConfig) -> bool:
-    """True when ``cfg`` asks for a whole pool (train the members, then merge): ``amt`` with neither a
-    member's eps nor a trained pool given."""
-    return bool(getattr(get_method(cfg.method), "pool", False)) and getattr(cfg, "pool_dir", None) is None \
-        and getattr(cfg, "member_eps", None) is None
+    """True when ``cfg``'s trial needs runs first (``Method.prerequisite_runs``; e.g. an ``amt`` pool)."""
+    return bool(get_method(cfg.method).prerequisite_runs(cfg))
 
 
 class Trial:

@@ -1,9 +1,11 @@
 """AMT (Adversarial Meta-Tuning, NeurIPS 2024): adversarial ProtoNet meta-tuning of an SVD-initialised LoRA
 pool, with test-time merging of the pool per episode.
 
-One trial trains one pool member at one attack strength (``member_eps``, in /255 units); ``bench``'s
-pool runner (``bench/sweep/amt_pool.py``) trains ``pool_size`` members as separate trials and writes a pool
-manifest; a trial with ``pool_dir`` set merges the members per test episode (``methods/merge.py``).
+One trial trains one pool member at one attack strength (``member_eps``, in /255 units). A pool trial
+(neither ``member_eps`` nor ``pool_dir``) declares its members as runs needed first
+(``prerequisite_runs``, ``methods/amt_pool.py``); ``bench`` trains them as ordinary trials, then
+``assemble`` writes the pool manifest and the trial, now with ``pool_dir`` set, merges the members per
+test episode (``methods/merge.py``).
 
 Training step (Algorithm 1, the authors' code's order):
 1. adversarial queries: the pyramid patch attack maximising KL(p_clean || p_adv) in eval mode, only the
@@ -22,13 +24,14 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods.attacks import eval_mode
+from methods.amt_pool import member_runs, pool_eps_list, write_manifest  # noqa: F401 (pool_eps_list: API)
 from methods.base import TrainContext, field_roles, setting
 from methods.merge import diff_augment, merge_weights, merged_overrides, support_score
 from methods.pmf import ProtoNetLoRA, ProtoNetLoRAConfig, episode_to, prototypes
@@ -64,7 +67,7 @@ class AMTConfig(ProtoNetLoRAConfig):
     awp_eta: float = 1e-4  # eta1: relative size of the LoRA weight perturbation; 0 switches it off
     # pool: one member per attack strength, eps in /255 units (0.01/255 ... 8/255). Role "pool": these fields
     # shape only the pool's assembly, merging and test evaluation, never one member's training, so members
-    # whose configs differ only here are the same member (bench/sweep/amt_pool.py caches them by the rest).
+    # whose configs differ only here are the same member (methods/amt_pool.py gives them one config).
     pool_size: int = setting(4, role="pool")
     pool_eps: list[float] = setting(role="pool", default_factory=lambda: [0.01, 0.1, 6.0, 8.0])
     member_eps: float | None = setting(None, role="pool",
@@ -124,18 +127,6 @@ class AMTConfig(ProtoNetLoRAConfig):
 
 # The fields of role "pool" (kept as a name for bench/sweep until it reads the roles itself).
 POOL_ONLY_FIELDS = tuple(name for name, role in field_roles(AMTConfig).items() if role == "pool")
-
-
-def pool_eps_list(cfg: AMTConfig) -> list[float]:
-    """The members' eps (/255 units): all of ``pool_eps`` when it has ``pool_size`` entries, else
-    ``pool_size`` entries spread evenly over it (pool_size 2 of [0.01, 0.1, 6, 8] -> [0.01, 8])."""
-    eps = list(cfg.pool_eps)
-    if cfg.pool_size >= len(eps):
-        return eps
-    if cfg.pool_size == 1:
-        return [eps[-1]]
-    idx = [round(i * (len(eps) - 1) / (cfg.pool_size - 1)) for i in range(cfg.pool_size)]
-    return [eps[i] for i in idx]
 
 
 def kl_clean_adv(adv_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
@@ -233,7 +224,16 @@ class AMT(ProtoNetLoRA):
 
     Config = AMTConfig
     episodic = True
-    pool: ClassVar[bool] = True  # bench trains a pool (bench/sweep/amt_pool.py) unless member_eps or pool_dir is set
+
+    @classmethod
+    def prerequisite_runs(cls, cfg: AMTConfig) -> list[dict[str, Any]]:
+        """A pool trial's members, one per eps of ``pool_eps_list`` (none for a member or a trained pool)."""
+        return member_runs(cfg)
+
+    @classmethod
+    def assemble(cls, cfg: AMTConfig, finished: list[tuple[dict, Path]], out_dir: Path) -> dict[str, Any]:
+        """The pool manifest over the trained members, in the trial's folder: the trial merges that pool."""
+        return {"pool_dir": str(write_manifest(cfg, finished, out_dir).parent)}
 
     def __init__(self, cfg: AMTConfig, backbone: nn.Module, num_classes: int):
         super().__init__(cfg, backbone, num_classes)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, NamedTuple
 
 import torch
@@ -34,6 +35,8 @@ TRANSFORMS = ("auto", "cifar", "imagenet224", "amt128", "none")
 # speed: changes how fast a run goes, never a number (workers, batch size of evaluation, memory layout, compile);
 # pool: shapes only the assembly, merging and test evaluation of a pool (AMT), never one member's training.
 ROLES = ("result", "seed", "speed", "pool")
+# In a string override of Method.prerequisite_runs: the folder the run writes to (e.g. where it saves an adapter).
+RUN_DIR = "{run_dir}"
 
 
 def setting(default: Any = dataclasses.MISSING, *, role: str = "result",
@@ -253,6 +256,29 @@ class Method:
         if is_best:
             self.best_val, self.best_key = key[0], key
         return EpochDecision(is_best=is_best)
+
+    # --- runs needed first -------------------------------------------------------------------------
+    @classmethod
+    def prerequisite_runs(cls, cfg: BaseConfig) -> list[dict[str, Any]]:
+        """The runs a trial of ``cfg`` needs finished before it can start (default: none), each given as
+        config overrides applied to ``cfg`` (a run of the same method; e.g. AMT: one per pool member, with
+        that member's eps). A string value may hold ``RUN_DIR``, replaced by the run's folder when it runs.
+
+        ``bench`` runs them as ordinary trials without their test evaluation, before the trials that need
+        them (a sweep: a first Tune phase; ``bench run``: one after the other), and runs each distinct one
+        once: two runs whose configs agree on every field but the speed switches are the same run, shared
+        by every trial that needs it. So give a run only what shapes it (AMT resets the merge settings)."""
+        return []
+
+    @classmethod
+    def assemble(cls, cfg: BaseConfig, finished: list[tuple[dict[str, Any], Path]],
+                 out_dir: Path) -> dict[str, Any]:
+        """Called once every run of ``prerequisite_runs(cfg)`` finished, before the trial of ``cfg`` starts:
+        ``finished`` holds each run's result (its result.json) and folder, in the order of
+        ``prerequisite_runs``; ``out_dir`` is the trial's folder, where files the trial reads may go.
+        Returns config overrides that turn ``cfg`` into the trial to run (AMT: the pool manifest it wrote,
+        ``{"pool_dir": out_dir}``); its ``prerequisite_runs`` must then be empty."""
+        return {}
 
     @property
     def needs_training(self) -> bool:

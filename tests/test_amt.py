@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-from bench.sweep.amt_pool import plan_pool, run_pool
 from bench.backbones import create_backbone
 from bench.config import resolve_config
 from bench.fewshot import evaluate_fewshot, mean_ci95
@@ -565,27 +564,38 @@ def test_adapter_round_trip_and_residual_check(tmp_path):
         wrong.load_adapter(path)
 
 
-def test_pool_trains_members_writes_manifest_and_merges(tmp_path):
-    ep = episode(3)
-    calls = []
+def _train_members(cfg, root):
+    """Each prerequisite run of ``cfg`` (a pool member) trained one step in ``root/r<i>``, as bench would."""
+    from methods.base import RUN_DIR
 
-    def run_member(overrides, out_dir):
-        calls.append(overrides)
-        m = make_method("amt", **{k: v for k, v in overrides.items()})
+    finished = []
+    for i, overrides in enumerate(AMT.prerequisite_runs(cfg)):
+        run_dir = root / f"r{i}"
+        overrides = {**overrides, "adapter_path": overrides["adapter_path"].replace(RUN_DIR, str(run_dir))}
+        m = make_method("amt", **{k: v for k, v in overrides.items() if k != "rank"})
         engine = PlainEngine(m.model, m.make_optimizer())
-        m.train_step(engine, episode(len(calls)), TrainContext(epoch=0, step=0, steps_per_epoch=1))
+        m.train_step(engine, episode(i + 1), TrainContext(epoch=0, step=0, steps_per_epoch=1))
         m.end_epoch(0, {"val_fewshot_acc": 0.5})  # the selected epoch saves the adapter
-        return {"id": f"member{len(calls)}"}
+        finished.append(({"id": f"member{i}", "status": "ok"}, run_dir))
+    return finished
 
-    cfg = AMTConfig(pool_size=2)
-    manifest_path = run_pool(cfg, tmp_path, run_member)
-    manifest = json.loads(manifest_path.read_text())
-    assert [m["eps"] for m in manifest["members"]] == [0.01, 8.0] == [c["member_eps"] for c in calls]
-    assert all((tmp_path / m["adapter"]).is_file() for m in manifest["members"])
-    run_pool(cfg, tmp_path, run_member)  # finished members are not rerun... when their result.json exists
-    assert len(plan_pool(cfg, tmp_path)) == 2
 
-    merged = make_method("amt", pool_dir=str(tmp_path))
+def test_pool_members_are_runs_needed_first_and_assemble_writes_the_manifest(tmp_path):
+    ep = episode(3)
+    cfg = AMTConfig(pool_size=2, rank=4)
+    assert [r["member_eps"] for r in AMT.prerequisite_runs(cfg)] == [0.01, 8.0]
+    out = tmp_path / "trial"
+    overrides = AMT.assemble(cfg, _train_members(cfg, tmp_path / "runs"), out)
+    assert overrides == {"pool_dir": str(out.resolve())}
+    manifest = json.loads((out / "pool.json").read_text())
+    assert [m["eps"] for m in manifest["members"]] == [0.01, 8.0]
+    for m in manifest["members"]:  # trained outside the trial's folder: the pool holds copies, relative paths
+        assert (out / m["adapter"]).is_file() and not Path(m["adapter"]).is_absolute()
+        assert m["trained_in"].startswith(str((tmp_path / "runs").resolve()))
+    assert AMT.prerequisite_runs(resolve_config("amt", {"pool_dir": str(out)})) == []  # a trained pool: none
+    assert AMT.prerequisite_runs(resolve_config("amt", {"member_eps": 8.0})) == []  # a member: none
+
+    merged = make_method("amt", pool_dir=overrides["pool_dir"])
     assert len(merged.members) == 2
     clf = merged.episode_classifier(ep.support_x, ep.support_y)
     w = merged.last_merge
@@ -594,16 +604,17 @@ def test_pool_trains_members_writes_manifest_and_merges(tmp_path):
         logits = clf.eval()(ep.query_x)
     assert logits.shape == (9, 3) and torch.isfinite(logits).all()
     # a pool of one member merges to exactly that member
-    one = json.loads(manifest_path.read_text())
-    one["members"] = one["members"][:1]
-    (tmp_path / "one.json").write_text(json.dumps(one))
-    single = make_method("amt", pool_dir=str(tmp_path / "one.json"))
+    one = dict(manifest, members=manifest["members"][:1])
+    (out / "one.json").write_text(json.dumps(one))
+    single = make_method("amt", pool_dir=str(out / "one.json"))
     plain = make_method("amt")
-    plain.load_adapter(tmp_path / one["members"][0]["adapter"])
+    plain.load_adapter(out / one["members"][0]["adapter"])
     with torch.no_grad():
         a = single.episode_classifier(ep.support_x, ep.support_y).eval()(ep.query_x)
         b = plain.episode_classifier(ep.support_x, ep.support_y).eval()(ep.query_x)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(FileNotFoundError, match="left no adapter"):  # a member that never saved one
+        AMT.assemble(cfg, [({}, tmp_path / "runs" / "r0"), ({}, tmp_path / "nowhere")], tmp_path / "t2")
 
 
 @pytest.mark.parametrize("change, same_member", [
@@ -612,43 +623,28 @@ def test_pool_trains_members_writes_manifest_and_merges(tmp_path):
     ({"rank": 2}, False), ({"lambda_adv": 1.0}, False), ({"seed": 1}, False), ({"epochs": 3}, False),
     ({"lr": 0.1}, False), ({"backbone": "cifar_resnet18_aa"}, False),
 ])
-def test_member_key_ignores_only_pool_settings(change, same_member):
-    from bench.sweep.amt_pool import member_key
+def test_a_members_run_ignores_only_pool_settings(change, same_member):
+    """bench names (and shares) a run by its config: a member's is the same for pools that differ only in
+    pool settings, and differs with anything that shapes its training."""
+    from bench.prerequisites import prerequisite_runs
 
-    base = resolve_config("amt", {"backbone": "tiny_cnn"})
-    other = resolve_config("amt", {"backbone": "tiny_cnn", **change})
-    assert (member_key(base, 8.0) == member_key(other, 8.0)) is same_member
-    assert member_key(base, 8.0) != member_key(base, 6.0)
+    def names(cfg):
+        return {r.config["member_eps"]: r.name for r in prerequisite_runs(cfg)}
+
+    base = names(resolve_config("amt", {"backbone": "tiny_cnn"}))
+    other = names(resolve_config("amt", {"backbone": "tiny_cnn", **change}))
+    assert (base[8.0] == other[8.0]) is same_member
+    assert len(set(base.values())) == 4  # one run per eps
 
 
-def test_member_cache_shares_members_between_pools(tmp_path):
-    """Pools that differ in merge settings and pool size reuse the cached members they have in common."""
-    from bench.sweep.amt_pool import member_overrides
+def test_pools_share_the_members_they_have_in_common():
+    """Pools that differ in merge settings and pool size need the same runs for their common strengths."""
+    from bench.prerequisites import prerequisite_runs
 
-    trained = []
-
-    def run_member(overrides, out_dir):
-        trained.append(overrides["member_eps"])
-        assert overrides["adapter_path"] == str(out_dir / "adapter.pt")
-        m = make_method("amt", **overrides)
-        m.make_optimizer()
-        m.end_epoch(0, {"val_fewshot_acc": 0.5})  # saves the adapter
-        result = {"status": "ok", "id": f"m{len(trained)}"}
-        (out_dir / "result.json").write_text(json.dumps(result))
-        return result
-
-    cache = tmp_path / "cache"
-    a = AMTConfig(pool_size=2, merge_beta=3.0, rank=4)
-    b = AMTConfig(pool_size=4, merge_beta=9.0, merge_top_k=1, rank=4)
-    run_pool(a, tmp_path / "a", run_member, cache_dir=cache)
-    assert trained == [0.01, 8.0]
-    manifest = json.loads(run_pool(b, tmp_path / "b", run_member, cache_dir=cache).read_text())
-    assert trained == [0.01, 8.0, 0.1, 6.0]  # only the two new strengths trained
-    assert len([d for d in cache.iterdir() if d.is_dir()]) == 4
-    for m in manifest["members"]:  # the pool holds its own copies, relative to its folder
-        assert (tmp_path / "b" / m["adapter"]).is_file() and not Path(m["adapter"]).is_absolute()
-    # a member's config is the same whichever pool asked for it
-    assert member_overrides(a, 8.0, cache) == member_overrides(b, 8.0, cache)
+    a = prerequisite_runs(resolve_config("amt", {"pool_size": 2, "merge_beta": 3.0, "rank": 4}))
+    b = prerequisite_runs(resolve_config("amt", {"pool_size": 4, "merge_beta": 9.0, "merge_top_k": 1, "rank": 4}))
+    assert {r.name for r in a} < {r.name for r in b} and len({r.name for r in b}) == 4
+    assert [r.config for r in a] == [r.config for r in b if r.name in {x.name for x in a}]
 
 
 # --- end to end -------------------------------------------------------------------------------------

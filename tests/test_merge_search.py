@@ -137,7 +137,7 @@ def test_pool_of_two_and_a_merge_only_sweep_of_eight_settings(tmp_path, two_doma
     doc["backbone"] = "tiny_cnn"
     pool_cfg = resolve_config("amt", {**doc["fixed"], "dataset": "digits", "backbone": "tiny_cnn"})
     pool_dir = train_pool(pool_cfg, tmp_path / "pool", data_root=two_domain_root, progress=False, track=False,
-                          cache=tmp_path / "members").pool_dir
+                          root=tmp_path / "members").pool_dir
     assert len(json.loads((Path(pool_dir) / "pool.json").read_text())["members"]) == 2
     doc["fixed"].update(target_datasets=["digits", "digits_b"], pool_dir=pool_dir)
     path = tmp_path / "ms.yaml"

@@ -366,29 +366,31 @@ AMT_TINY = {"epochs": 1, "episodes_per_epoch": 2, "episodes": 3, "val_episodes":
 
 
 @pytest.mark.slow
-def test_amt_pool_members_run_in_parallel_and_are_shared(tmp_path, shards_root, ray_2cpu):
-    """Two AMT trials that differ only in a merge setting: the first trains its 2 members as parallel Ray
-    tasks, the second finds them in the sweep's member cache; both merge and evaluate after their members."""
+def test_amt_sweep_trains_members_once_in_a_first_phase_and_resumes(tmp_path, shards_root, ray_2cpu):
+    """Two AMT trials that differ only in a merge setting: phase 1 trains their 2 common members once, in
+    parallel, as ordinary trials in RESULTS/_prerequisites; phase 2 merges and evaluates each trial's pool
+    from them. A resumed sweep reruns nothing."""
+    from bench.prerequisites import PREREQUISITES_DIR
     from bench.report.results import load_results
-    from bench.sweep.driver import MEMBERS_DIR, run_sweep
+    from bench.sweep.driver import run_sweep
     from bench.sweep.space import load_sweep
 
     path = write_sweep(tmp_path, "pool", methods=["amt"], fixed=AMT_TINY, space={"merge_top_k": {"grid": [1, 2]}})
     res = tmp_path / "res"
     summary = run_sweep(load_sweep(path), res, data_root=shards_root, leaderboard=True, verbose=0)
     assert summary["n_trials"] == 2 and summary["n_error"] == 0, summary
-    members = sorted(d for d in (res / MEMBERS_DIR).iterdir() if d.is_dir())
+    members = sorted(d for d in (res / PREREQUISITES_DIR).iterdir() if d.is_dir())
     assert len(members) == 2, members  # 2 pools x 2 members, trained once each
     spans = []
     for m in members:
         r = json.loads((m / "result.json").read_text())
-        assert r["status"] == "ok" and (m / "adapter.pt").is_file() and "fewshot" not in r
+        assert r["status"] == "ok" and r["stage"] == "validation" and (m / "adapter.pt").is_file(), r
+        assert r["sweep"]["stage"] == "prerequisite" and (m / "checkpoints").is_dir()
         end = (m / "result.json").stat().st_mtime
         spans.append((end - r["cost"]["wall_s"], end))
     assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # the two members overlapped in time
     files = results_of(res)
     assert sorted(r["config"]["merge_top_k"] for r in files.values()) == [1, 2]
-    trained_in = []
     for name, r in files.items():
         assert r["status"] == "ok" and 0 <= r["fewshot"]["adv_acc"] <= 1, r
         assert r["cost"]["pool"]["members"] == 2 and r["cost"]["train_s"] >= r["cost"]["pool"]["train_s"] > 0
@@ -398,68 +400,33 @@ def test_amt_pool_members_run_in_parallel_and_are_shared(tmp_path, shards_root, 
         assert [m["eps"] for m in pool["members"]] == [0.01, 8.0]
         assert all((res / name / m["adapter"]).is_file() for m in pool["members"])  # the pool's own copies
         assert (res / name / "pool.json").stat().st_mtime >= max(e for _, e in spans)  # merged after training
-        trained_in.append(sorted(m["trained_in"] for m in pool["members"]))
-    assert trained_in[0] == trained_in[1] == sorted(str(m) for m in members)
+        assert sorted(m["trained_in"] for m in pool["members"]) == sorted(str(m) for m in members)
     records, problems = load_results(res)
-    assert len(records) == 2 and not problems, problems  # cached members are not leaderboard entries
+    assert len(records) == 2 and not problems, problems  # members are not leaderboard entries
+    before = {m.name: (m / "attempts.jsonl").read_text() for m in members}
+    summary = run_sweep(load_sweep(path), res, data_root=shards_root, resume=True, leaderboard=False, verbose=0)
+    assert summary["n_error"] == 0 and {m.name: (m / "attempts.jsonl").read_text() for m in members} == before
 
 
-def _scripted_member(fail_eps_above: float | None):
-    """A stand-in for a member's training (the runner's orchestration is under test, not AMT): it logs the
-    call, fails for strong attacks when asked, else leaves an adapter and an ok result.json."""
+def test_plan_expands_the_space_and_dedups_the_runs_needed_first(tmp_path):
+    """The trials of a sweep with AMT pools are planned up front: one per grid point and sample, and the
+    distinct members they need (pools that share strengths share members); optuna cannot be planned."""
+    from bench.sweep.phases import make_plan, run_points
+    from bench.sweep.space import load_sweep
 
-    def run_member(overrides: dict, train_dir: Path) -> dict:
-        import json as _json
-        import time as _time
-
-        with open(train_dir / "calls.txt", "a") as f:
-            f.write("call\n")
-        _time.sleep(0.5)
-        if fail_eps_above is not None and overrides["member_eps"] > fail_eps_above:
-            raise ValueError("member training blew up")
-        (train_dir / "adapter.pt").write_bytes(b"adapter")
-        result = {"status": "ok", "eps": overrides["member_eps"]}
-        (train_dir / "result.json").write_text(_json.dumps(result))
-        return result
-
-    return run_member
-
-
-def _calls(spec) -> int:
-    path = spec.train_dir / "calls.txt"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def test_pool_runner_failure_then_retry_and_waiting_for_another_trial(tmp_path, ray_2cpu):
-    import threading
-
-    from bench.sweep.amt_pool import MemberLock, finished_result, plan_pool
-    from bench.config import resolve_config
-    from bench.sweep.pool import ray_member_runner
-
-    cfg = resolve_config("amt", {"backbone": "tiny_cnn", "pool_size": 3, "pool_eps": [0.01, 6.0, 8.0]})
-    specs = plan_pool(cfg, tmp_path / "trial", cache_dir=tmp_path / "cache")
-    runner = ray_member_runner(1, 0, poll_s=0.2)
-    # a member that fails: the others finish (and stay cached), then the pool fails naming the member
-    with pytest.raises(RuntimeError, match=r"pool member 2 \(eps 8/255.*member training blew up"):
-        runner(specs[::2], _scripted_member(fail_eps_above=7.0))
-    assert finished_result(specs[0]) and not finished_result(specs[2])
-    # another trial holds member 1's claim: this runner waits instead of training it, and trains the rest
-    other = MemberLock(specs[1])
-    assert other.acquire(blocking=False)
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(r=runner(specs, _scripted_member(None))))
-    thread.start()
-    time.sleep(3)
-    assert thread.is_alive() and _calls(specs[1]) == 0
-    specs[1].train_dir.mkdir(parents=True, exist_ok=True)  # the other trial finishes member 1 ...
-    (specs[1].train_dir / "adapter.pt").write_bytes(b"other")
-    (specs[1].train_dir / "result.json").write_text(json.dumps({"status": "ok", "by": "other"}))
-    other.release()  # ... and lets go
-    thread.join(60)
-    assert not thread.is_alive()
-    assert [r.get("by") for r in out["r"]] == [None, "other", None]
-    assert [_calls(s) for s in specs] == [1, 0, 2]  # cached, trained by the other trial, retried once
+    path = write_sweep(tmp_path, "plan", methods=["amt", "rft"], fixed={"backbone": "tiny_cnn"},
+                       space={"merge_top_k": {"grid": [1, 2]}, "pool_size": {"grid": [2, 4]}})
+    spec = load_sweep(path)
+    plan = make_plan(spec, tmp_path / "res", resume=False)
+    assert len(plan["trials"]) == 2 * 2 * 2  # methods x top-k x pool size
+    assert len(run_points(plan)) == 4  # amt's 4 strengths, whatever the merge settings and pool size
+    assert sorted(r["config"]["member_eps"] for r in plan["runs"].values()) == [0.01, 0.1, 6.0, 8.0]
+    again = make_plan(spec, tmp_path / "res", resume=True)  # a resumed sweep keeps its plan
+    assert again == json.loads(json.dumps(plan))
+    assert make_plan(load_sweep(write_sweep(tmp_path, "plain", methods=["rft"])), tmp_path / "r2", False) is None
+    optuna = write_sweep(tmp_path, "opt", methods=["amt"], search="optuna", space={"merge_top_k": {"choice": [1, 2]}})
+    with pytest.raises(ValueError, match="search: optuna .* need runs first"):
+        make_plan(load_sweep(optuna), tmp_path / "r3", resume=False)
 
 
 def test_driver_waits_for_late_result_files_before_the_leaderboard(tmp_path, capsys):

@@ -18,8 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/METHOD-DATASET-HASH-sSEED)")
     p.add_argument("--data-root", type=Path, default=None, help="shards root (default: $BENCH_SHARDS or ./shards)")
     p.add_argument("--pool-cache", type=Path, default=None,
-                   help="amt: train pool members in (and reuse them from) this folder, keyed by their training "
-                        "settings, so runs that differ only in merge settings share the members")
+                   help="runs a trial needs first (amt: its pool members) go in (and are reused from) this folder, "
+                        "named by their settings, so runs that differ only in merge settings share the members "
+                        "(default: OUT/_prerequisites)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -34,7 +35,7 @@ def run(args) -> int:
         overrides["seed"] = args.seed
     cfg = resolve_config(args.method, overrides)
     out = args.out or Path("runs") / f"{cfg.method}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}"
-    result = run_trial(cfg, out, data_root=args.data_root, progress=not args.no_progress, pool_cache=args.pool_cache)
+    result = run_trial(cfg, out, data_root=args.data_root, progress=not args.no_progress, prerequisites_dir=args.pool_cache)
     shown = {k: result[k] for k in ("metrics", "fewshot") if k in result}
     print(json.dumps(shown, indent=2))
     print(f"wrote {Path(out) / 'result.json'}")

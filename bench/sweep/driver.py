@@ -29,9 +29,9 @@ from typing import Any
 
 from bench.files import atomic_write_json
 from bench.sweep.folders import TUNE_DIR, trial_folder
-from bench.sweep.trainables import OBJECTIVE, _trial_setup, sweep_trial
+from bench.sweep.trainables import OBJECTIVE, sweep_trial
 
-MEMBERS_DIR = "_members"  # AMT pool members, shared by the sweep's amt trials (bench.sweep.pool)
+FIRST_PHASE_SUFFIX = "-prerequisites"  # Tune's name of a sweep's first phase (bench.sweep.phases)
 PACKAGES = ("bench", "methods", "data_shards")  # the suite's code, shipped to every node (runtime_env py_modules)
 # Environment a trial process needs from the driver (a remote cluster's workers do not inherit it).
 PROPAGATE_ENV = ("WANDB_MODE", "WANDB_SILENT", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY",
@@ -75,6 +75,9 @@ def run(args) -> int:
             raise ValueError(f"--workers-per-trial {args.workers_per_trial} must be >= 1")
         spec.workers = args.workers_per_trial
     if args.check:
+        from bench.sweep.phases import check
+
+        check(spec)
         print(f"{spec.path}: ok, {spec.n_trials()} trials of {', '.join(spec.methods)} on "
               f"{', '.join(spec.datasets())}, every config resolved"
               + (" (merge search: validation-only candidates; the best per target domain is tested once)"
@@ -101,7 +104,7 @@ def resolve_data_root(data_root: str | Path | None) -> Path:
 
 
 def _dirname_creator(trial) -> str:
-    return trial_folder(trial.config, trial.trial_id)
+    return Path(trial_folder(trial.config, trial.trial_id)).name
 
 
 def _param_space(spec) -> dict[str, Any]:
@@ -216,13 +219,16 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
 
     dataset_dir(spec.dataset, data_root)  # fails early, with its own message, when the shards are missing
     storage_path = _storage(results, storage)
-    exp_dir = f"{storage_path.rstrip('/')}/{spec.name}"
-    exists = _experiment_exists(storage_path, spec.name)
-    if exists and not resume:
-        raise ValueError(f"{exp_dir} already holds sweep {spec.name!r}; pass --resume to continue it, "
-                         f"or --results DIR / --storage for a new one")
-    if resume and not exists:
-        raise ValueError(f"nothing to resume: {exp_dir} does not exist")
+    names = [spec.name, spec.name + FIRST_PHASE_SUFFIX]
+    exists = {n: _experiment_exists(storage_path, n) for n in names}
+    if any(exists.values()) and not resume:
+        raise ValueError(f"{storage_path.rstrip('/')}/{spec.name} already holds sweep {spec.name!r}; pass --resume "
+                         f"to continue it, or --results DIR / --storage for a new one")
+    if resume and not any(exists.values()):
+        raise ValueError(f"nothing to resume: {storage_path.rstrip('/')}/{spec.name} does not exist")
+    from bench.sweep.phases import make_plan
+
+    plan = make_plan(spec, results, resume)  # None unless trials need runs first (AMT pools)
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(results / "sweep.json", _spec_record(spec, data_root))
 
@@ -252,38 +258,43 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                   f"{'worker' if spec.workers > 1 else 'trial'}", flush=True)
             spec.gpus = 0.0
         ctx = {"results": str(results), "data_root": str(data_root), "name": spec.name,
-               "members": str(results / MEMBERS_DIR),
                "space_keys": sorted(spec.space), "metrics": {m: spec.metric_for(m) for m in spec.methods},
                "spec_fixed": {m: spec.overrides(m, 0, {}, per_dataset=False) for m in spec.methods},
                "per_dataset": {m: {d: spec.dataset_overrides(m, d) for d in spec.per_dataset} for m in spec.methods},
                "workers": spec.workers, "cpus": spec.cpus, "gpus": spec.gpus,
                "storage": storage_path, "node_local": storage is not None, "max_failures": spec.max_failures,
                "merge_search": spec.merge_search}
-        ctx["pool_parallel"] = _pool_parallel(spec, ray.cluster_resources())
-        trainable = tune.with_parameters(sweep_trial, ctx=ctx)
-        trainable = tune.with_resources(trainable, _trial_resources(spec, ctx))
-        if resume:
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 
-            tuner = tune.Tuner(
-                trainable, param_space=_param_space(spec),
-                tune_config=tune.TuneConfig(
-                    metric=OBJECTIVE, mode=spec.mode, scheduler=_scheduler(spec), search_alg=_searcher(spec),
-                    num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
-                    time_budget_s=spec.time_budget_s, trial_dirname_creator=_dirname_creator,
-                    trial_name_creator=_dirname_creator),
-                run_config=RunConfig(
-                    name=spec.name, storage_path=storage_path, verbose=verbose if verbose >= 2 else 0,
-                    failure_config=FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=1),
-                    callbacks=[ResultFileCallback(str(results), fetch=ctx["node_local"], storage=storage_path)]
-                    + ([ProgressLines(spec.n_trials(), t_start)] if verbose == 1 else [])))
-        print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
-              flush=True)
-        grid = tuner.fit()
+        def fit(name: str, n_trials: int, **tune_config):
+            """One Tune run (restored when ``--resume`` finds it) of ``sweep_trial`` with ``ctx``."""
+            trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), _trial_resources(spec))
+            if resume and exists[name]:
+                tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable=trainable,
+                                           resume_unfinished=True, resume_errored=True)
+            else:
+                from ray.tune import CheckpointConfig, FailureConfig, RunConfig
+
+                param_space = tune_config.pop("param_space")
+                tuner = tune.Tuner(
+                    trainable, param_space=param_space,
+                    tune_config=tune.TuneConfig(
+                        metric=OBJECTIVE, mode=spec.mode, max_concurrent_trials=spec.max_concurrent_trials,
+                        trial_dirname_creator=_dirname_creator, trial_name_creator=_dirname_creator, **tune_config),
+                    run_config=RunConfig(
+                        name=name, storage_path=storage_path, verbose=verbose if verbose >= 2 else 0,
+                        failure_config=FailureConfig(max_failures=spec.max_failures),
+                        checkpoint_config=CheckpointConfig(num_to_keep=1),
+                        callbacks=[ResultFileCallback(str(results), fetch=ctx["node_local"], storage=storage_path)]
+                        + ([ProgressLines(n_trials, t_start)] if verbose == 1 else [])))
+            return tuner.fit()
+
+        if plan is None:
+            print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
+                  flush=True)
+            grid = fit(spec.name, spec.n_trials(), param_space=_param_space(spec), scheduler=_scheduler(spec),
+                       search_alg=_searcher(spec), num_samples=spec.num_samples, time_budget_s=spec.time_budget_s)
+        else:
+            grid = _two_phases(spec, plan, ctx, results, fit, t_start)
         if spec.merge_search:
             from bench.sweep.merge_search import SelectionError
 
@@ -308,37 +319,45 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     return summary
 
 
-def _pool_parallel(spec, cluster: dict) -> int:
-    """How many AMT pool members one trial may train at once: as many as the cluster holds trials."""
-    caps = [8]
-    if spec.cpus > 0:
-        caps.append(int(cluster.get("CPU", 1) // spec.cpus))
-    if spec.gpus > 0:
-        caps.append(int(cluster.get("GPU", 1) // spec.gpus))
-    return max(1, min(caps))
-
-
-def _trial_resources(spec, ctx: dict):
-    """Per-trial resources: a function of the trial's config, because an AMT pool trial reserves one
-    bundle per member it trains at once (bench.sweep.pool) besides its own empty head bundle."""
+def _trial_resources(spec):
+    """Per-trial resources: one share, or for a multi-worker trial a token bundle (the Ray Train workers it
+    drives hold the shares)."""
     from ray.tune import PlacementGroupFactory
 
-    per = {"CPU": spec.cpus, **({"GPU": spec.gpus} if spec.gpus else {})}
+    if spec.workers > 1:
+        return PlacementGroupFactory([{"CPU": 0, "memory": 1}])  # a PG needs a non-empty bundle
+    return PlacementGroupFactory([{"CPU": spec.cpus, **({"GPU": spec.gpus} if spec.gpus else {})}])
 
-    def resources(config: dict):
-        from bench.trial import is_pool_config
 
-        cfg, *_ = _trial_setup(config, ctx, "resources")
-        if is_pool_config(cfg):  # members are one-worker tasks of one `resources` share each
-            from methods.amt import pool_eps_list
+def _two_phases(spec, plan: dict, ctx: dict, results: Path, fit, t_start: float):
+    """A sweep whose trials need runs first (bench.sweep.phases): phase 1 runs the distinct runs the planned
+    trials need, as ordinary trials in ``RESULTS/_prerequisites/``; phase 2 runs the planned trials, each
+    assembled by its method from the phase-1 folders. Returns phase 2's results."""
+    from bench.prerequisites import PREREQUISITES_DIR
+    from bench.sweep.phases import points_space, run_points
 
-            parallel = max(1, min(len(pool_eps_list(cfg)), ctx["pool_parallel"]))
-            return PlacementGroupFactory([{}] + [dict(per)] * parallel)
-        if spec.workers > 1:  # the Tune trial only drives a TorchTrainer; the workers hold the resources
-            return PlacementGroupFactory([{"CPU": 0, "memory": 1}])  # a PG needs a non-empty bundle
-        return PlacementGroupFactory([per])
+    from ray.tune.schedulers import FIFOScheduler
 
-    return resources
+    ctx["prerequisites"] = plan["runs"]
+    ctx["prerequisites_dir"] = str(results / PREREQUISITES_DIR)
+    runs, trials = run_points(plan), plan["trials"]
+    print(f"bench sweep: {spec.name}: {len(runs)} runs needed first, then {len(trials)} trials "
+          f"({', '.join(spec.methods)}) -> {results}", flush=True)
+    budget = spec.time_budget_s
+    # every run is needed whole by some trial: none is stopped early (FIFO), whatever the sweep's scheduler
+    first = fit(spec.name + FIRST_PHASE_SUFFIX, len(runs), param_space=points_space(runs),
+                scheduler=FIFOScheduler(), num_samples=1, time_budget_s=budget)
+    failed = [r.config.get("prerequisite") for r in first if r.error]
+    if failed:
+        print(f"bench sweep: {spec.name}: {len(failed)} runs needed first failed ({', '.join(failed)}); "
+              f"the trials that need them fail too", flush=True)
+    if ctx["node_local"]:  # phase-2 trials on other nodes fetch the runs' folders from Tune's storage
+        ctx["prerequisite_checkpoints"] = {r.config["prerequisite"]: r.checkpoint.path for r in first
+                                           if r.checkpoint is not None}
+    if budget is not None:
+        budget = max(1.0, budget - (time.time() - t_start))
+    return fit(spec.name, len(trials), param_space=points_space(trials), scheduler=_scheduler(spec),
+               num_samples=1, time_budget_s=budget)
 
 
 def _spec_record(spec, data_root: Path) -> dict:

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 from bench.files import atomic_write
+from bench.prerequisites import PREREQUISITES_DIR
 
 TUNE_DIR = "_tune"  # Tune's own state (and, without --storage, its checkpoints): not results
 
@@ -14,7 +15,10 @@ def trial_dir_name(method: str, seed: int, trial_id: str) -> str:
 
 
 def trial_folder(config: dict, trial_id: str) -> str:
-    """A Tune trial's folder, relative to the results folder."""
+    """A Tune trial's folder, relative to the results folder: a run other trials need first
+    (bench.sweep.phases) is named by its config, under ``_prerequisites/``, so they find it there."""
+    if config.get("prerequisite"):
+        return f"{PREREQUISITES_DIR}/{config['prerequisite']}"
     return trial_dir_name(config.get("method", "trial"), config.get("seed", 0), trial_id)
 
 

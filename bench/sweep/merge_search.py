@@ -2,8 +2,8 @@
 domain on validation episodes of that domain, then one test evaluation with the chosen settings.
 
 A sweep file with ``merge_search: true`` makes every ``amt`` trial a merge-only *candidate*: it merges a
-trained pool (``pool_dir``, or the pool the trial assembles from the sweep's member cache; members are
-trained once and reused, so a candidate trains nothing), validates it on each target's validation episodes
+trained pool (``pool_dir``, or the pool the trial assembles from the members the sweep's first phase
+trained, bench.sweep.phases; members are trained once, so a candidate trains nothing), validates it on each target's validation episodes
 (``val_fewshot_acc@<target>``, bench.trial) and writes ``result.json`` with ``"stage": "validation"`` and no
 test metrics. After the sweep, :func:`select` picks per target (and per group of candidates that differ only in
 the swept settings) the candidate with the best clean validation accuracy (the paper's criterion; PGD
@@ -23,11 +23,11 @@ from typing import Any, Callable
 
 SELECTED_DIR = "selected"
 # Settings a merge-only search may sweep: they shape the merge and the test-time deployment, never a
-# member's training (a subset of methods.amt.POOL_ONLY_FIELDS).
+# member's training (fields of role "pool" of the method's config, methods.base.ROLES).
 SEARCHABLE = ("pool_size", "pool_eps", "merge_top_k", "merge_lambda", "merge_beta", "trim_rho", "trim_modules",
               "merge_aug_p", "merge_seed", "test_time_ft_steps", "test_time_ft_lr", "test_time_ft_aug_p")
 # Config keys that differ between candidates of one group without being searched: each candidate merges its
-# own copy of the pool (bench.sweep.amt_pool keeps one per trial folder).
+# own copy of the pool (methods.amt_pool writes one manifest per trial folder).
 _PER_TRIAL = ("pool_dir",)
 
 
@@ -38,10 +38,12 @@ class SelectionError(ValueError):
 def check_space(space_keys, methods) -> str | None:
     """Why a sweep's space cannot be a merge-only search (None when it can)."""
     from methods import get_method
-    from methods.amt import POOL_ONLY_FIELDS
+    from methods.base import field_roles
 
-    assert set(SEARCHABLE) <= set(POOL_ONLY_FIELDS), "a searchable setting would retrain members"
-    pools = [m for m in methods if not getattr(get_method(m), "pool", False)]
+    def pool_fields(m):  # the method's settings that shape only its pool's merge and test (role "pool")
+        return {k for k, role in field_roles(get_method(m).Config).items() if role == "pool"}
+
+    pools = [m for m in methods if not set(SEARCHABLE) <= pool_fields(m)]
     if pools:
         return f"methods {', '.join(pools)} have no pool to merge; a merge search runs amt trials only"
     bad = [k for k in space_keys if k not in SEARCHABLE]

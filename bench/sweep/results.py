@@ -34,10 +34,8 @@ def _test_merge_selections(spec, results: Path, ctx: dict) -> None:
     import ray
 
     from bench.sweep.merge_search import load_candidates, select, test_selected
-    from bench.sweep.pool import _merge_trial, task_options
-
     selections = select(load_candidates(results, spec.name), sorted(spec.space))
-    task = ray.remote(_merge_trial).options(**task_options(spec.cpus, spec.gpus))
+    task = ray.remote(_test_trial).options(num_cpus=spec.cpus, num_gpus=spec.gpus, max_retries=0)
     kwargs = {"data_root": ctx["data_root"], "progress": False, "group": spec.name, "track": True,
               "sweep": {"name": spec.name, "stage": "test of the per-target selection"}}
 
@@ -48,6 +46,17 @@ def _test_merge_selections(spec, results: Path, ctx: dict) -> None:
         print(f"bench sweep: {spec.name}: {sel['target']}: selected {sel['settings']} "
               f"({sel['metric']} {sel['value']:.4f} of {sel['candidates']} candidates); testing it", flush=True)
     test_selected(selections, results, run)
+
+
+def _test_trial(cfg, out_dir: str, kwargs: dict) -> dict:
+    """A selected setting's test evaluation (a Ray task)."""
+    from bench.report.tracking import close_service
+    from bench.trial import run_trial
+
+    try:
+        return run_trial(cfg, out_dir, **kwargs)
+    finally:
+        close_service()
 
 
 def summarize(grid, results: Path, spec, wall_s: float) -> dict[str, Any]:

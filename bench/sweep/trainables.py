@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.sweep.folders import merge_tree, trial_dir_name
+from bench.sweep.folders import merge_tree, trial_folder
 
 OBJECTIVE = "objective"  # the key every trial reports its validation metric under (per-method metric names differ)
 
@@ -92,19 +92,54 @@ def _log_attempt(out_dir: Path) -> None:
 
 
 def _trial_setup(config: dict, ctx: dict, trial_id: str, out_dir: str | Path | None = None):
+    """A trial's config, folder, sweep record and objective metric. A first-phase trial (``prerequisite``
+    in its config) is a run another trial needs (bench.sweep.phases): its config is the plan's."""
     from bench.config import resolve_config
 
     method, seed = config["method"], int(config["seed"])
+    out_dir = Path(out_dir) if out_dir is not None else Path(ctx["results"]) / trial_folder(config, trial_id)
+    if config.get("prerequisite"):
+        from bench.prerequisites import PrerequisiteRun
+
+        name = config["prerequisite"]
+        cfg = PrerequisiteRun(name, method, ctx["prerequisites"][name]["config"]).resolved(out_dir)
+        sweep_info = {"name": ctx["name"], "trial_id": trial_id, "stage": "prerequisite",
+                      "swept": {"method": method, "seed": seed, "prerequisite": name}}
+        return cfg, out_dir, sweep_info, ctx["metrics"][method]
     sampled = {k: config[k] for k in ctx["space_keys"]}
     fixed = ctx["spec_fixed"][method]
     dataset = sampled.get("dataset", fixed.get("dataset"))
     overrides = {**fixed, **ctx.get("per_dataset", {}).get(method, {}).get(dataset, {}), **sampled, "seed": seed}
-    name = trial_dir_name(method, seed, trial_id)
-    out_dir = Path(out_dir) if out_dir is not None else Path(ctx["results"]) / name
     swept = {"method": method, "seed": seed, **sampled}
     sweep_info = {"name": ctx["name"], "trial_id": trial_id, "swept": swept}
     cfg = resolve_config(method, overrides)
     return cfg, out_dir, sweep_info, ctx["metrics"][method]
+
+
+def _assembled(cfg, ctx: dict, out_dir: Path):
+    """A second-phase trial's config once the runs it needs finished in the first phase (``cfg`` itself
+    when it needs none): the method assembles it from their folders (AMT: writes its pool manifest)."""
+    from bench.prerequisites import PREREQUISITES_DIR, assemble, finished_result, prerequisite_runs
+
+    runs = prerequisite_runs(cfg)
+    if not runs:
+        return cfg
+    root = Path(ctx["prerequisites_dir"])
+    if ctx.get("node_local"):  # this node may not see RESULTS: the runs' folders come from Tune's storage
+        root = out_dir.parent / PREREQUISITES_DIR
+        for run in runs:
+            path = (ctx.get("prerequisite_checkpoints") or {}).get(run.name)
+            if path and finished_result(root / run.name) is None:
+                _storage_checkpoint(path, ctx["storage"]).to_directory(str(root / run.name))
+    return assemble(cfg, root, out_dir)
+
+
+def _storage_checkpoint(path: str, storage: str):
+    import pyarrow.fs
+    from ray import tune
+
+    uri = storage if "://" in storage else Path(storage).as_uri()
+    return tune.Checkpoint(path, filesystem=pyarrow.fs.FileSystem.from_uri(uri)[0])
 
 
 def _quiet_trial_logs() -> None:
@@ -121,12 +156,10 @@ def sweep_trial(config: dict, ctx: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     _quiet_trial_logs()
-    name = trial_dir_name(config["method"], int(config["seed"]), trial_id)
-    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id, _trial_out_dir(ctx, name))
-    from bench.trial import is_pool_config, run_trial, write_error_result
+    cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id,
+                                                    _trial_out_dir(ctx, trial_folder(config, trial_id)))
+    from bench.trial import run_trial, write_error_result
 
-    if is_pool_config(cfg):
-        return _pool_trial(ctx, trial_id, cfg, out_dir, sweep_info, metric)
     if ctx["workers"] > 1:
         return _multi_worker_trial(config, ctx, trial_id, cfg, out_dir)
 
@@ -137,9 +170,10 @@ def sweep_trial(config: dict, ctx: dict) -> None:
         tune.report(_report_metrics(row, metric), checkpoint=_report_dir(out_dir) if ckpt_dir is not None else None)
 
     try:
+        cfg = _assembled(cfg, ctx, out_dir)
         result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
                            run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True,
-                           evaluate=not ctx.get("merge_search"))  # merge-search candidates: validation only
+                           evaluate=_evaluates(config, ctx))
     except Exception as exc:
         write_error_result(cfg, out_dir, exc, sweep=sweep_info)
         raise
@@ -152,23 +186,9 @@ def sweep_trial(config: dict, ctx: dict) -> None:
     tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
 
 
-def _pool_trial(ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, metric: str) -> None:
-    """An AMT pool trial: members as parallel Ray tasks (cached across the sweep's trials), then the merged
-    pool's validation and test evaluation; one report to Tune (see bench.sweep.pool)."""
-    from ray import tune
-
-    from bench.sweep.pool import run_pool_trial
-    from bench.trial import write_error_result
-
-    _log_attempt(out_dir)
-    try:
-        result = run_pool_trial(cfg, out_dir, data_root=ctx["data_root"], cpus=ctx["cpus"], gpus=ctx["gpus"],
-                                cache=Path(ctx["members"]), run_id=trial_id, group=ctx["name"], sweep=sweep_info,
-                                evaluate=not ctx.get("merge_search"))
-    except Exception as exc:
-        write_error_result(cfg, out_dir, exc, sweep=sweep_info)
-        raise
-    tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
+def _evaluates(config: dict, ctx: dict) -> bool:
+    """Runs needed first and merge-search candidates are validation-only (no test evaluation)."""
+    return not (config.get("prerequisite") or ctx.get("merge_search"))
 
 
 def _multi_worker_trial(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Path) -> None:
@@ -219,8 +239,10 @@ def train_worker_loop(loop_cfg: dict) -> None:
         rt.report(_report_metrics(row, metric), checkpoint=ckpt)
 
     try:
+        cfg = _assembled(cfg, ctx, out_dir)
         result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
-                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True)
+                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True,
+                           evaluate=_evaluates(config, ctx))
     except Exception as exc:
         if rank == 0:
             write_error_result(cfg, out_dir, exc, sweep=sweep_info)
