@@ -414,13 +414,15 @@ def test_plan_expands_the_space_and_dedups_the_runs_needed_first(tmp_path):
     from bench.sweep.phases import make_plan, run_points
     from bench.sweep.space import load_sweep
 
-    path = write_sweep(tmp_path, "plan", methods=["amt", "rft"], fixed={"backbone": "tiny_cnn"},
-                       space={"merge_top_k": {"grid": [1, 2]}, "pool_size": {"grid": [2, 4]}})
+    path = write_sweep(tmp_path, "plan", methods=["amt"], seeds=[0, 1], num_samples=2,
+                       space={"merge_top_k": {"grid": [1, 2]}, "pool_size": {"grid": [2, 4]},
+                              "merge_beta": {"uniform": [1.0, 12.0]}})
     spec = load_sweep(path)
     plan = make_plan(spec, tmp_path / "res", resume=False)
-    assert len(plan["trials"]) == 2 * 2 * 2  # methods x top-k x pool size
-    assert len(run_points(plan)) == 4  # amt's 4 strengths, whatever the merge settings and pool size
-    assert sorted(r["config"]["member_eps"] for r in plan["runs"].values()) == [0.01, 0.1, 6.0, 8.0]
+    assert len(plan["trials"]) == 2 * 2 * 2 * 2  # seeds x top-k x pool size x samples
+    assert len({t["merge_beta"] for t in plan["trials"]}) == 16  # sampled per trial
+    assert len(run_points(plan)) == 4 * 2  # 4 strengths x 2 seeds, whatever the merge settings and pool size
+    assert sorted(r["config"]["member_eps"] for r in plan["runs"].values()) == [0.01, 0.01, 0.1, 0.1, 6, 6, 8, 8]
     again = make_plan(spec, tmp_path / "res", resume=True)  # a resumed sweep keeps its plan
     assert again == json.loads(json.dumps(plan))
     assert make_plan(load_sweep(write_sweep(tmp_path, "plain", methods=["rft"])), tmp_path / "r2", False) is None

@@ -73,7 +73,9 @@ class ProgressLines(_TuneCallback):
         print(f"[{time.time() - self.t_start:6.0f} s] {text}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._say(f"{trial.trial_id}: started ({trial.config.get('method')}, seed {trial.config.get('seed')})")
+        needed = trial.config.get("prerequisite")  # a run other trials need first (bench.sweep.phases)
+        self._say(f"{trial.trial_id}: started ({trial.config.get('method')}, seed {trial.config.get('seed')}"
+                  + (f", run needed first: {needed})" if needed else ")"))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "done_result" in result:  # the final report: test metrics
