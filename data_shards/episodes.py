@@ -1,9 +1,9 @@
 """Episodic (few-shot) sampling over webdataset shards, with random access by class.
 
-webdataset 1.0.2 ships no `wids`, so random access uses our own index: the manifest's per-shard label lists
-give class -> (shard, position); a tar header scan gives (position -> byte offset of each member), so one
-sample costs a seek and a read. Remote shards are fetched whole once and kept in memory. Decoded samples
-are cached for splits up to `cache_max` samples (the embedded digits: all of it).
+The manifest's per-shard label lists give class -> (shard, position); `wids` (webdataset's indexed reader, its
+own package) gives position -> sample from an index of each shard's tar headers. Remote shards are fetched
+whole once (to a temporary file). Decoded samples are cached for splits up to `cache_max` samples (the
+embedded digits: all of it).
 
 Fixed episodes: `ways` classes drawn among `classes`, `shots` support and `queries` query images per
 class, without overlap. Episode i depends only on (seed, i).
@@ -21,75 +21,66 @@ function of (seed, episode, position in the episode); the episode index carries 
 """
 from __future__ import annotations
 
-import io
 import math
-import tarfile
-from typing import Iterator, Optional
+import shutil
+import tempfile
+from typing import Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
+from wids.wids import IndexedTarSamples
 
 from .manifest import file_location, read_manifest
-from .reader import ShardError, _seed_of, _split_name, decode_sample, open_location
+from .reader import ShardError, _reason, _remote, _seed_of, decode_sample
 from .transforms import make_transform
 
 
-class _ShardIndex:
-    """Random access to sample j of shard s by byte offsets from one header scan per shard."""
+class _Shards:
+    """Random access to sample j of shard s: wids' IndexedTarSamples, an index of one shard's tar headers
+    over an mmap of the file, so one sample costs two slices. Remote shards are fetched once through
+    webdataset's gopen into an anonymous temporary file (wids' own ShardListDataset does not fit: it copies
+    even local shards into a cache folder, runs `pipe:` URLs as download-to-file commands where ours stream
+    to stdout, does not check sample counts, and decodes with default decoders that unpickle)."""
 
     def __init__(self, ds, info, split):
-        self.ds, self.names = ds, info["splits"][split]["shards"]
-        self.remote = str(ds).startswith(("http://", "https://", "pipe:")) or "{}" in str(ds)
-        self._offsets, self._bytes = {}, {}
+        s = info["splits"][split]
+        self.ds, self.names, self.lengths = ds, s["shards"], s["shard_lengths"]
+        self._open = {}
 
-    def _open(self, s):
-        loc = file_location(self.ds, self.names[s])
-        if self.remote:
-            if s not in self._bytes:
-                with open_location(loc) as f:
-                    self._bytes[s] = f.read()
-            return loc, io.BytesIO(self._bytes[s])
-        return loc, open(loc, "rb")
+    def __getstate__(self):  # mmaps do not pickle: a copy reopens its shards
+        return {**self.__dict__, "_open": {}}
 
-    def _index(self, s):
-        if s not in self._offsets:
-            loc, f = self._open(s)
-            samples = []
+    def _shard(self, s):
+        if s not in self._open:
+            loc = file_location(self.ds, self.names[s])
             try:
-                with tarfile.open(fileobj=f, mode="r:") as tf:
-                    cur = None
-                    for ti in tf.getmembers():
-                        if not ti.isreg():
-                            continue
-                        key, ext = _split_name(ti.name)
-                        if cur is None or cur["__key__"] != key:
-                            cur = {"__key__": key}
-                            samples.append(cur)
-                        cur[ext] = (ti.offset_data, ti.size)
-            except tarfile.TarError as e:
-                raise ShardError(f"corrupt shard {loc}: {e}") from e
-            finally:
-                f.close()
-            self._offsets[s] = samples
-        return self._offsets[s]
+                if _remote(self.ds):
+                    stream = tempfile.TemporaryFile()
+                    with wds.gopen(loc, "rb") as f:
+                        shutil.copyfileobj(f, stream)
+                    stream.flush()
+                    samples = IndexedTarSamples(stream=stream)
+                else:
+                    samples = IndexedTarSamples(path=loc)
+            except Exception as e:
+                raise ShardError(f"corrupt or truncated shard {loc}: {_reason(e)}") from e
+            if len(samples) != self.lengths[s]:
+                last = samples[len(samples) - 1]["__key__"] if len(samples) else None
+                raise ShardError(f"shard {loc} holds {len(samples)} samples where the manifest says "
+                                 f"{self.lengths[s]} (truncated?); last sample key {last}")
+            self._open[s] = (loc, samples)
+        return self._open[s]
 
     def read(self, s, j):
-        entries = self._index(s)
-        loc, f = self._open(s)
+        loc, samples = self._shard(s)
         try:
-            if j >= len(entries):
-                raise ShardError(f"shard {loc} has {len(entries)} samples, the manifest index wants #{j}")
-            raw = {"__key__": entries[j]["__key__"]}
-            for ext, val in entries[j].items():
-                if ext == "__key__":
-                    continue
-                off, size = val
-                f.seek(off)
-                raw[ext] = f.read(size)
-                if len(raw[ext]) != size:
-                    raise ShardError(f"truncated shard {loc} at sample key {raw['__key__']}")
-        finally:
-            f.close()
+            sample = samples[j]
+        except Exception as e:
+            raise ShardError(f"cannot read sample #{j} of shard {loc}: {_reason(e)}") from e
+        # wids names files by their extension with its dot, as file objects
+        raw = {"__key__": sample["__key__"]}
+        raw.update({k.lstrip(".").lower(): v.getvalue() for k, v in sample.items() if k != "__key__"})
         return loc, raw
 
 
@@ -118,7 +109,7 @@ class EpisodeSampler:
         if len(self.classes) < max(min_ways, 1 if variable else self.ways):
             raise ValueError(f"{split}: only {len(self.classes)} of classes {wanted} have >= {need} samples; "
                              f"an episode needs {self.ways} such classes")
-        self._index = _ShardIndex(self.ds, self.info, split)
+        self._index = _Shards(self.ds, self.info, split)
         self._cache = {} if s["num_samples"] <= cache_max else None
 
     def _get(self, ref, label, seed):

@@ -1,9 +1,13 @@
-"""Streaming readers over webdataset shards.
+"""Streaming readers over webdataset shards, built from webdataset's own pipeline stages.
 
-We decode only `png`/`jpg`/`cls`, by hand: webdataset's default decoders would unpickle `.pyd`/`.pickle`
-keys, so any other key is an error. Images go through a named transform (data_shards.transforms: train
-or eval, chosen per loader) and become float32 CHW tensors in [0, 1]; normalisation belongs to the model so
-that attacks work in pixel space. Training streams shuffle encoded samples and decode after the shuffle.
+Tar reading, sample grouping, shard lists (shuffled or resampled), the node and worker split, the sample
+shuffle buffer, batching and remote fetching (`gopen`: local files, http(s) through curl, `pipe:` commands
+for object stores) are webdataset's. What is ours: decoding, limited to `png`/`jpg`/`cls` (webdataset's
+default decoders would unpickle `.pyd`/`.pickle` keys, so any other key is an error), the manifest's sample
+counts (a shard cut at a member boundary reads as a clean, shorter tar), and errors that name the shard and
+the sample key in one line. Images go through a named transform (data_shards.transforms: train or eval,
+chosen per loader) and become float32 CHW tensors in [0, 1]; normalisation belongs to the model so that
+attacks work in pixel space. Training streams shuffle encoded samples and decode after the shuffle.
 
 Locations (`ds_dir`): a local folder, an `http(s)://` base URL (manifest and shards fetched from
 `BASE/_info.json`, `BASE/{shard}`), or a template containing `{}` replaced by the file name, for example
@@ -13,26 +17,30 @@ Multi-node: with train=True shards are split by node (torch.distributed rank or 
 DataLoader worker, so one epoch sees each sample once across all of them (needs >= nodes*workers shards to
 keep everyone busy). With `resampled=True` every node/worker draws shards with replacement from its own
 seeded stream and an epoch is a fixed `epoch_len` samples per node: no shard count constraint.
+
+Measured against the hand-written reader this replaced (bench/perf/loader.py keeps it as the baseline):
+see docs/data.md for the images/s table.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import math
-import random
-import tarfile
-import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import webdataset as wds
 from PIL import Image
 
 from .manifest import file_location, read_manifest
 from .transforms import fit as _fit
 from .transforms import make_transform, pil_to_uint8
 
-ALLOWED_KEYS = {"__key__", "png", "jpg", "jpeg", "cls"}
+IMAGE_KEYS = ("png", "jpg", "jpeg")
+FILE_KEYS = {*IMAGE_KEYS, "cls"}
+# what webdataset's grouping adds to a sample beside its files
+META_KEYS = {"__key__", "__url__", "__local_path__"}
 
 
 def _remote(loc) -> bool:
@@ -45,117 +53,61 @@ def _seed_of(key) -> int:
 
 
 class ShardError(RuntimeError):
-    """A shard or a sample in it cannot be read; the message names the shard and the sample key."""
+    """A shard or a sample in it cannot be read; the message names the shard and the sample key, in one line."""
+
+    @classmethod
+    def one_line(cls, exc: BaseException) -> "ShardError":
+        """The original one-line message of a ShardError that a DataLoader worker re-raised in this process
+        (torch wraps it as 'Caught ShardError in DataLoader worker process N.' plus the worker's traceback)."""
+        text = str(exc)
+        if "\n" in text:
+            last = [ln for ln in text.splitlines() if ln.strip()][-1]
+            text = last.split("ShardError: ", 1)[-1]
+        return cls(text)
 
 
-def open_location(loc: str):
-    if loc.startswith(("http://", "https://")):
-        return urllib.request.urlopen(loc, timeout=60)
-    if loc.startswith("pipe:"):
-        import webdataset as wds
-
-        return wds.gopen(loc, "rb")
-    return open(loc, "rb")
-
-
-def _split_name(fname: str):
-    # webdataset convention: key = path up to the first dot of the base name
-    d, _, base = fname.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (d + "/" + stem if d else stem), ext.lower()
-
-
-def _read_exact(f, n: int) -> bytes:
-    out = f.read(n)
-    while len(out) < n:  # sockets and pipes may return short reads
-        more = f.read(n - len(out))
-        if not more:
-            break
-        out += more
-    return out
-
-
-def _tar_members(f):
-    """(name, data) of the regular files of a tar stream. A small ustar/pax reader: Python's tarfile spends
-    more time parsing headers than PIL spends decoding 32x32 PNGs. Bad checksums and short reads raise."""
-    pax = {}
-    while True:
-        hdr = _read_exact(f, 512)
-        if len(hdr) == 0:
-            return  # end of stream without the end-of-archive blocks: the count check catches truncation
-        if len(hdr) < 512:
-            raise EOFError("unexpected end of data in a tar header")
-        if hdr == b"\0" * 512:
-            return
-        chk = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-        if chk != sum(hdr) - sum(hdr[148:156]) + 256:
-            raise tarfile.HeaderError("bad tar header checksum")
-        size_field = hdr[124:136]
-        size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
-                else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8))
-        typ = hdr[156:157]
-        name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8")
-        if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
-            name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-        if "size" in pax:
-            size = int(pax["size"])
-        if "path" in pax:
-            name = pax["path"]
-        data = _read_exact(f, size)
-        if len(data) < size:
-            raise EOFError(f"unexpected end of data in member {name}")
-        pad = (-size) % 512
-        if pad and len(_read_exact(f, pad)) < pad:
-            raise EOFError(f"unexpected end of data after member {name}")
-        if typ in (b"x", b"g"):  # pax extended header for the next member
-            pax = {}
-            for rec in data.decode("utf-8").split("\n"):
-                if " " in rec and "=" in rec:
-                    k, v = rec.split(" ", 1)[1].split("=", 1)
-                    pax[k] = v
-            continue
-        pax = {}
-        if typ in (b"0", b"\0", b"7"):
-            yield name, data
+def _reason(exc: BaseException) -> str:
+    # webdataset appends " @ <stream repr>" and the url to an exception's args; the shard is named by us
+    first = str(exc.args[0]) if exc.args else str(exc)
+    return f"{type(exc).__name__}: {first.split(' @ ')[0]}"
 
 
 def iter_shard(loc: str, expected: Optional[int] = None, limit: Optional[int] = None) -> Iterator[dict]:
-    """Raw samples (dicts of bytes) of one shard, in order. Stops after `limit` samples.
+    """Raw samples (dicts of bytes, plus `__key__`/`__url__`) of one shard, in order, read by webdataset.
+    Stops after `limit` samples.
 
-    A truncated shard is caught two ways: read errors mid-member, and a sample count that differs from
-    the manifest's `expected` (a cut exactly at a member boundary reads as a clean, shorter tar).
+    A truncated shard is caught two ways: read errors mid-member, and a sample count that differs from the
+    manifest's `expected` (tarfile ends quietly at a cut on a member boundary or at a damaged header).
     """
-    last = None
-    n = 0
+    reading = [None]  # the member being read when an error strikes: its key names the sample
+
+    def note(fname):  # webdataset's select_files hook, called before each member's data is read
+        reading[0] = fname
+        return True
+
+    n, last = 0, None
     try:
-        f = open_location(loc)
+        stream = wds.gopen(loc, "rb")
     except Exception as e:
-        raise ShardError(f"cannot open shard {loc}: {e}") from e
+        raise ShardError(f"cannot open shard {loc}: {_reason(e)}") from e
     try:
-        cur = None
-        for fname, data in _tar_members(f):
-            key, ext = _split_name(fname)
-            if cur is not None and cur["__key__"] != key:
-                yield cur
-                n += 1
-                if limit is not None and n >= limit:
-                    return
-                cur = None
-            if cur is None:
-                cur = {"__key__": key}
-                last = key
-            if ext in cur:
-                raise ValueError(f"duplicate file {fname}")
-            cur[ext] = data
-        if cur is not None:
-            yield cur
+        files = wds.tariterators.tar_file_expander([{"url": loc, "stream": stream}], select_files=note)
+        for sample in wds.tariterators.group_by_keys(files):
+            last = sample["__key__"]
+            yield sample
             n += 1
-    except ShardError:
-        raise
-    except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeDecodeError) as e:
-        raise ShardError(f"corrupt or truncated shard {loc} (at sample key {last}): {e}") from e
+            if limit is not None and n >= limit:
+                return
+    except Exception as e:
+        key = wds.tariterators.base_plus_ext(reading[0])[0] if reading[0] else None
+        where = f"at sample key {key}" if key else "before the first sample"
+        raise ShardError(f"corrupt or truncated shard {loc} ({where}): {_reason(e)}") from e
     finally:
-        f.close()
+        try:
+            stream.close()  # a pipe's close waits for its command and raises on a failed exit
+        except Exception as e:
+            if e.__context__ is None:  # else an error, or the consumer stopping early, is already in flight
+                raise ShardError(f"cannot read shard {loc}: {_reason(e)}") from e
     if expected is not None and n != expected and (limit is None or n < limit):
         raise ShardError(f"shard {loc} holds {n} samples where the manifest says {expected} "
                          f"(truncated?); last sample key {last}")
@@ -168,12 +120,12 @@ def decode_sample(sample: dict, loc: str, size=None, as_uint8: bool = False, tra
     `transform` (data_shards.transforms.ImageTransform) replaces fitting to `size`; a random one draws
     from `seed`."""
     key = sample.get("__key__")
-    bad = set(sample) - ALLOWED_KEYS
+    bad = set(sample) - FILE_KEYS - META_KEYS
     if bad:
         raise ShardError(f"sample {key} in shard {loc} has keys {sorted(bad)}: only png/jpg/cls are decoded "
                          f"(never pickle)")
     try:
-        data = sample.get("png") or sample.get("jpg") or sample.get("jpeg")
+        data = next((sample[k] for k in IMAGE_KEYS if sample.get(k)), None)
         if data is None:
             raise ValueError("no png/jpg image")
         im = Image.open(io.BytesIO(data))
@@ -190,7 +142,7 @@ def decode_sample(sample: dict, loc: str, size=None, as_uint8: bool = False, tra
             x = x.float().div_(255.0)
         y = int(sample["cls"].decode("ascii"))
     except Exception as e:
-        raise ShardError(f"cannot decode sample {key} in shard {loc}: {e}") from e
+        raise ShardError(f"cannot decode sample {key} in shard {loc}: {type(e).__name__}: {e}") from e
     return x, y
 
 
@@ -230,82 +182,40 @@ def load_split(ds_dir, split: str, max_samples: Optional[int] = None, image_size
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
-class _Pipeline:
-    """Per-epoch stages (plain generator functions) composed with webdataset's DataPipeline."""
+def _collate_uint8(items):
+    # uint8 until the loader's final batch: 4x less memory between processes
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
-    def __init__(self, ds, plan, transform, train, augment, shuffle_buffer, seed, epoch, resampled, chunk):
-        self.ds, self.plan, self.transform, self.train, self.augment = ds, plan, transform, train, augment
-        self.shuffle_buffer, self.seed, self.epoch, self.resampled, self.chunk = (
-            shuffle_buffer, seed, epoch, resampled, chunk)
 
-    def _rng_key(self):
-        import webdataset as wds
+class _Epoch:
+    """The stages of one epoch's wds.DataPipeline that are ours: reading a planned shard (counts, limits,
+    errors) and decoding. Picklable, so DataLoader workers get their own copy."""
 
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        return (self.seed, self.epoch, rank, worker)
-
-    def shards(self):
-        plan = list(self.plan)
-        if self.resampled:
-            # infinite, with replacement, its own stream per node and worker; the loader cuts at epoch_len
-            rng = random.Random(str(self._rng_key()))
-            draw = 0
-            while True:
-                # the draw names this visit of the shard in the samples' augmentation seeds
-                yield dict(rng.choice(plan), draw=(*self._rng_key()[2:], draw))
-                draw += 1
-        if self.train:
-            random.Random(f"{self.seed}-{self.epoch}").shuffle(plan)  # same order on every node/worker
-        yield from plan
+    def __init__(self, plan, transform, seed, epoch, resampled, shuffle_buffer):
+        self.by_url = {p["url"]: p for p in plan}
+        self.transform, self.seed, self.epoch, self.resampled = transform, seed, epoch, resampled
+        self.shuffle_buffer = shuffle_buffer
 
     def read(self, src):
-        for sh in src:
-            for s in iter_shard(sh["url"], sh["expected"], sh["limit"]):
-                yield sh["url"], sh.get("draw"), s
-
-    def decode(self, src):
-        """Decode and transform after the shuffle: the buffer holds encoded images, small whatever their size."""
-        tf = self.transform
-        for url, draw, s in src:
-            # augmentation is a function of (seed, epoch, sample), whatever the worker and node layout
-            seed = _seed_of((self.seed, self.epoch, s.get("__key__"), draw)) if tf.random else None
-            # uint8 until the final batch: 4x less memory between processes
-            yield decode_sample(s, url, transform=tf, seed=seed, as_uint8=True)
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        for draw, shard in enumerate(src):
+            p = self.by_url[shard["url"]]
+            # a resampled shard is visited many times: the visit names the draw in the augmentation seeds
+            visit = (rank, worker, draw) if self.resampled else None
+            for s in iter_shard(p["url"], p["expected"], p["limit"]):
+                # augmentation is a function of (seed, epoch, sample), whatever the worker and node layout
+                aug = _seed_of((self.seed, self.epoch, s["__key__"], visit)) if self.transform.random else None
+                yield s, aug
 
     def shuffle(self, src):
-        rng = random.Random(str(self._rng_key()))
-        buf = []
-        for item in src:
-            buf.append(item)
-            if len(buf) >= self.shuffle_buffer:
-                k = rng.randrange(len(buf))
-                buf[k], buf[-1] = buf[-1], buf[k]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+        # each node and worker its own stream, reproducible from (seed, epoch)
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        n = self.shuffle_buffer
+        return wds.shuffle(n, n, seed=_seed_of((self.seed, self.epoch, rank, worker)))(src)
 
-    def batch(self, src):
-        xs, ys = [], []
-        for x, y in src:
-            xs.append(x)
-            ys.append(y)
-            if len(xs) >= self.chunk:
-                yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
-                xs, ys = [], []
-        if xs:
-            yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
-
-    def build(self):
-        import webdataset as wds
-
-        stages = [self.shards]
-        if self.train and not self.resampled:
-            stages += [wds.split_by_node, wds.split_by_worker]
-        stages.append(self.read)
-        if self.train and self.shuffle_buffer > 1:
-            stages.append(self.shuffle)
-        stages += [self.decode, self.batch]
-        return wds.DataPipeline(*stages)
+    def decode(self, item):
+        s, aug = item
+        return decode_sample(s, s["__url__"], transform=self.transform, seed=aug, as_uint8=True)
 
 
 class ShardLoader:
@@ -332,8 +242,6 @@ class ShardLoader:
                 raise ValueError("resampled=True needs epoch_len (samples per epoch per node)")
             total = int(epoch_len)
         elif train:
-            import webdataset as wds
-
             rank, world, _, _ = wds.utils.pytorch_worker_info()
             if world > 1:  # split by node: this node sees its share of the shards (shuffled: about that many)
                 total = sum(p["limit"] or p["expected"] for p in self.plan[rank::world])
@@ -347,20 +255,51 @@ class ShardLoader:
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
+    def pipeline(self, epoch: int) -> wds.DataPipeline:
+        """One epoch's pipeline: batches of (uint8 x, int64 y), partial at shard ends of each worker."""
+        urls = [p["url"] for p in self.plan]
+        own = _Epoch(self.plan, self.transform, self.seed, epoch, self.resampled, self.shuffle_buffer)
+        if self.resampled:
+            # infinite, with replacement, its own stream per node and worker; with_epoch cuts it below
+            stages = [wds.ResampledShards(urls, seed=_seed_of((self.seed, epoch)), deterministic=True)]
+        elif self.train:
+            # the same shuffled order on every node and worker, then each takes its share
+            stages = [wds.SimpleShardList(urls, seed=_seed_of((self.seed, epoch))), wds.split_by_node,
+                      wds.split_by_worker]
+        else:
+            stages = [wds.SimpleShardList(urls)]
+        stages.append(own.read)
+        if self.train and self.shuffle_buffer > 1:
+            stages.append(own.shuffle)
+        # decode after the shuffle: the buffer holds encoded images, small whatever their size
+        stages += [wds.map(own.decode), wds.batched(self.batch_size, collation_fn=_collate_uint8, partial=True)]
+        pipe = wds.DataPipeline(*stages)
+        if self.resampled:  # each worker's share of the epoch, rounded up; the loader cuts the excess
+            batches = math.ceil(self.samples_per_epoch / self.batch_size)
+            pipe = pipe.with_epoch(nbatches=math.ceil(batches / max(1, self.num_workers)))
+        return pipe
+
     def _batches(self, pipe):
         if self.num_workers > 0:
-            return iter(torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=self.num_workers,
-                                                    persistent_workers=False))
+            return iter(wds.WebLoader(pipe, batch_size=None, num_workers=self.num_workers,
+                                      persistent_workers=False))
         return iter(pipe)
 
     def __iter__(self):
-        pipe = _Pipeline(self.ds, self.plan, self.transform, self.train, self.augment, self.shuffle_buffer,
-                         self.seed, self.epoch, self.resampled, chunk=self.batch_size).build()
+        pipe = self.pipeline(self.epoch)
         self.epoch += 1  # a different shuffle next epoch, reproducible from (seed, epoch)
+        try:
+            yield from self._rebatch(self._batches(pipe))
+        except ShardError as e:
+            if self.num_workers > 0:
+                raise ShardError.one_line(e) from None
+            raise
+
+    def _rebatch(self, batches):
         left = self.samples_per_epoch
-        # workers hand over partial chunks at shard ends; re-batch here so every batch but the last is full
+        # workers hand over partial batches at shard ends; re-batch here so every batch but the last is full
         bx, by, have = [], [], 0
-        for x, y in self._batches(pipe):
+        for x, y in batches:
             if left <= 0:
                 break
             if len(y) > left:

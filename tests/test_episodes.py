@@ -82,3 +82,28 @@ def test_not_enough_classes(ds):
         EpisodeSampler(ds, "train", [0, 1, 2], ways=5, shots=1, queries=1)
     with pytest.raises(ValueError):
         EpisodeSampler(ds, "train", range(NC), ways=5, shots=10, queries=10)  # 14 per class < 20
+
+
+@pytest.mark.parametrize("cut, message", [
+    ("member", r"train-000000.tar"),  # inside a member: fewer samples, or a short image that fails to decode
+    ("boundary", r"train-000000.tar holds \d+ samples where the manifest says 30"),
+    ("header", r"corrupt or truncated shard .*train-000000.tar"),  # half a tar header at the end
+])
+def test_damaged_shard_names_the_shard(ds, tmp_path, cut, message):
+    import shutil
+    import tarfile
+
+    from data_shards.reader import ShardError
+
+    d = tmp_path / "eps"
+    shutil.copytree(ds, d)
+    p = d / "train-000000.tar"
+    with tarfile.open(p) as tf:
+        m = tf.getmembers()[20]
+    end = {"member": m.offset_data + 20, "boundary": m.offset, "header": m.offset + 200}[cut]
+    p.write_bytes(p.read_bytes()[:end])
+    s = EpisodeSampler(d, "train", range(NC), 5, 5, 4, seed=0, cache_max=0)
+    with pytest.raises(ShardError, match=message) as e:
+        for i in range(20):
+            s.sample(i)
+    assert "\n" not in str(e.value)

@@ -1,5 +1,6 @@
 """Writer/reader round trip, worker split, corrupt shards, digits, check, CLI."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,29 @@ def test_cli(tmp_path, tiny):
     assert a.func(a) == 2
     a = p.parse_args(["shards", "list"])
     assert a.func(a) == 0
+
+
+def test_bench_run_on_truncated_shard_is_one_line_error_with_result(shards_root, tmp_path):
+    """As a new user meets it: `bench run` over a cut train shard names the shard and the sample key in its
+    last stderr line, prints no traceback, exits non-zero and leaves a result.json whose status is error."""
+    import os
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.copytree(shards_root / "digits", root / "digits")
+    shard = root / "digits" / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:30000])  # about a dozen samples in, inside a member
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT", "BENCH_DEBUG")}
+    p = subprocess.run([sys.executable, "-m", "bench", "run", "--method", "rft", "--dataset", "digits",
+                        "--backbone", "tiny_cnn", "--set", "epochs=1", "--set", "max_train_samples=64",
+                        "--no-progress", "--out", str(out), "--data-root", str(root)],
+                       env=dict(env, PYTHONPATH=str(Path(__file__).resolve().parents[1])), capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert str(shard) in last and re.search(r"sample key train_\d{8}", last), p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "error" and str(shard) in result["error"]

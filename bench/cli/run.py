@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import sys
 from pathlib import Path
 
 
@@ -27,7 +30,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from bench.config import config_hash, parse_set_args, resolve_config
-    from bench.trial import run_trial
+    from bench.trial import check_inputs, run_trial, write_error_result
+    from data_shards.reader import ShardError
 
     overrides = parse_set_args(args.overrides)
     overrides.update(dataset=args.dataset, backbone=args.backbone)
@@ -35,7 +39,21 @@ def run(args) -> int:
         overrides["seed"] = args.seed
     cfg = resolve_config(args.method, overrides)
     out = args.out or Path("runs") / f"{cfg.method}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}"
-    result = run_trial(cfg, out, data_root=args.data_root, progress=not args.no_progress, prerequisites_dir=args.pool_cache)
+    check_inputs(cfg, args.data_root)  # bad input: main() says so in one line, before any work
+    failure = None
+    try:
+        result = run_trial(cfg, out, data_root=args.data_root, progress=not args.no_progress,
+                           prerequisites_dir=args.pool_cache)
+    except Exception as exc:
+        # a trial that failed mid-way leaves its record, as it does in a sweep
+        write_error_result(cfg, Path(out), exc)
+        if not isinstance(exc, ShardError) or os.environ.get("BENCH_DEBUG"):
+            raise
+        failure = ShardError.one_line(exc)  # bad data, not a bug: no traceback (BENCH_DEBUG=1 shows it)
+    if failure is not None:
+        gc.collect()  # the failed trial's progress bars close (and redraw) now, not below the message
+        print(f"bench run: error: {failure} (wrote {Path(out) / 'result.json'})", file=sys.stderr)
+        return 1
     shown = {k: result[k] for k in ("metrics", "fewshot") if k in result}
     print(json.dumps(shown, indent=2))
     print(f"wrote {Path(out) / 'result.json'}")
