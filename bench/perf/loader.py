@@ -1,13 +1,17 @@
-"""Loader throughput: the shard reader (webdataset's pipeline) against the hand-written reader it replaced
-(bench/perf/hand_reader.py) and torchvision's ImageFolder, on the same images.
+"""Loader throughput: the shard reader (webdataset's pipeline), the hand-written reader it replaced
+(bench/perf/hand_reader.py, kept as the baseline) and torchvision's ImageFolder, on the same images.
 
 All read the same encoded files (PNG at 32x32, JPEG at 224x224) from local disk and produce float CHW
 tensors in [0, 1] in batches of 64. Each figure is the best of `ROUNDS` full epochs, the loaders taking
-turns, so that a load spike on a shared machine hits them alike; the ratio is hand over webdataset.
+turns, so that a load spike on a shared machine hits them alike; the ratio is hand over webdataset. CPU
+microseconds per image (this process and its loader workers) are reported beside images/s: on a shared
+machine they are the steadier comparison.
 """
 from __future__ import annotations
 
+import gc
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -41,23 +45,35 @@ def _prepare(root: Path, n: int, size: int, fmt: str):
     return shards, folder
 
 
-def _rate(iterable_factory, n_expected: int) -> float:
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (DataLoader workers): unlike wall time, not
+    inflated when other jobs share the machine."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _rate(iterable_factory, n_expected: int) -> tuple[float, float]:
+    """(images/s, CPU microseconds per image) over one epoch."""
     it = iter(iterable_factory())
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_s(), time.perf_counter()
     n = 0
     for x, _ in it:
         n += len(x)
     dt = time.perf_counter() - t0
+    del it
+    gc.collect()  # the epoch's workers exit here, so their CPU time is counted
+    cpu = _cpu_s() - c0
     assert n == n_expected, (n, n_expected)
-    return n / dt
+    return n / dt, cpu / n * 1e6
 
 
 def _best_rates(factories: dict, n_expected: int, rounds: int = ROUNDS) -> dict:
-    """images/s of each loader: the best of `rounds` epochs, the loaders taking turns."""
-    best = dict.fromkeys(factories, 0.0)
+    """{loader: (images/s, CPU us per image)}, each the best of `rounds` epochs, the loaders taking turns."""
+    best = {name: (0.0, float("inf")) for name in factories}
     for _ in range(rounds):
         for name, factory in factories.items():
-            best[name] = max(best[name], _rate(factory, n_expected))
+            ips, cpu = _rate(factory, n_expected)
+            best[name] = (max(best[name][0], ips), min(best[name][1], cpu))
     return best
 
 
@@ -80,19 +96,24 @@ def loader_benchmark(quick: bool = True) -> dict:
                 # train=True: shard shuffle, sample shuffle buffer and split by worker, as in training
                 ds = torchvision.datasets.ImageFolder(str(folder), transform=transforms.ToTensor())
                 rates = _best_rates({
-                    "webdataset": lambda: make_loader(shards, "train", BATCH, train=True, num_workers=workers,
-                                                      shuffle_buffer=1000),
+                    "shards": lambda: make_loader(shards, "train", BATCH, train=True, num_workers=workers,
+                                                  shuffle_buffer=1000),
                     "hand": lambda: HandLoader(shards, "train", BATCH, train=True, num_workers=workers,
                                                shuffle_buffer=1000),
                     "imagefolder": lambda: torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True,
                                                                        num_workers=workers),
                 }, n)
+                (ips, cpu), (hand_ips, hand_cpu), (tv_ips, tv_cpu) = (
+                    rates["shards"], rates["hand"], rates["imagefolder"])
                 rows.append({"image_size": size, "format": fmt, "workers": workers, "images": n,
-                             "shards_images_per_s": round(rates["webdataset"], 1),
-                             "hand_reader_images_per_s": round(rates["hand"], 1),
-                             "imagefolder_images_per_s": round(rates["imagefolder"], 1),
-                             "ratio_hand_over_webdataset": round(rates["hand"] / rates["webdataset"], 3),
-                             "ratio_shards_over_imagefolder": round(rates["webdataset"] / rates["imagefolder"], 3)})
+                             "shards_images_per_s": round(ips, 1),
+                             "hand_reader_images_per_s": round(hand_ips, 1),
+                             "imagefolder_images_per_s": round(tv_ips, 1),
+                             "ratio_hand_over_shards": round(hand_ips / ips, 3),
+                             "ratio_shards_over_imagefolder": round(ips / tv_ips, 3),
+                             "shards_cpu_us_per_image": round(cpu, 1),
+                             "hand_reader_cpu_us_per_image": round(hand_cpu, 1),
+                             "imagefolder_cpu_us_per_image": round(tv_cpu, 1)})
     return {"batch_size": BATCH, "quick": quick, "rounds": ROUNDS, "load_avg_1min": os.getloadavg()[0],
             "rows": rows}
 
