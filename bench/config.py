@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from bench.files import atomic_write
 from methods import get_method, list_methods
 from methods.base import ROLES, BaseConfig, field_roles
 
@@ -136,7 +137,7 @@ def config_hash(cfg: BaseConfig | dict, *, ignore: tuple[str, ...] = ("seed", "s
 
 
 def save_config(cfg: BaseConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_config(path: Path) -> BaseConfig:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.files import atomic_write
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -199,9 +201,9 @@ class PlainEngine:
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), **(client_state or {})}
-        _atomic_save(state, folder / PLAIN_STATE)
+        atomic_write(folder / PLAIN_STATE, lambda p: torch.save(state, p))
         if save_latest:
-            _atomic_write_text(Path(save_dir) / LATEST, tag)
+            atomic_write(Path(save_dir) / LATEST, tag)
         return True
 
     def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True, **_):
@@ -227,18 +229,6 @@ PLAIN_STATE = "plain_state.pt"  # PlainEngine's one file per tag
 
 def epoch_tag(epoch: int) -> str:
     return f"epoch{epoch:04d}"
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill leaves the previous file intact
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{socket.gethostname()}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _deepspeed_safe_globals() -> list:
@@ -308,7 +298,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, epoch: int, client: dict[str, 
     # DeepSpeed's save ends in a barrier: every rank's files are complete here. (Its own ``latest`` is
     # written in place by rank 0 before that barrier, so a kill could leave it naming a partial tag.)
     if local_rank() == 0:  # one writer per node: nodes without a shared disk each keep their own folder
-        _atomic_write_text(ckpt_dir / LATEST, tag)
+        atomic_write(ckpt_dir / LATEST, tag)
         for old in ckpt_dir.glob("epoch*"):
             if old.is_dir() and old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
@@ -376,7 +366,8 @@ def save_best(engine, ckpt_dir: str | Path, epoch: int) -> None:
     state = full_state_dict(engine)
     if state is not None:
         Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-        _atomic_save({"epoch": epoch, "model": state}, Path(ckpt_dir) / BEST)
+        # a kill leaves the previous best.pt intact
+        atomic_write(Path(ckpt_dir) / BEST, lambda p: torch.save({"epoch": epoch, "model": state}, p))
 
 
 def load_best(ckpt_dir: str | Path) -> dict[str, Any] | None:

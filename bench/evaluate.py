@@ -7,13 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bench.files import atomic_write_json
 from methods.attacks import eval_mode, pgd_linf
 
 
@@ -161,10 +161,7 @@ def _load_state(path: Path | None, fingerprint: str) -> dict | None:
 def _save_state(state: dict, path: Path | None) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)  # a kill mid-write leaves the previous state, never half a file
+    atomic_write_json(path, state, indent=None)  # a kill mid-write leaves the previous state, never half a file
 
 
 def robust_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, device="cpu",

@@ -5,9 +5,7 @@ hand-run trial are the same code path and write the same ``result.json``.
 """
 from __future__ import annotations
 
-import copy
 import json
-import os
 import random
 import time
 import traceback
@@ -23,14 +21,13 @@ from bench.config import config_hash, save_config
 from bench.engine import (BEST, broadcast_, build_engine, full_state_dict, load_best, load_full_state,
                           load_latest, save_best, save_checkpoint, sync_buffers, train_autocast, trial_device,
                           world)
-from bench.evaluate import clean_accuracy, pgd_accuracy, robust_metrics
+from bench.files import atomic_write_json
+from bench.tasks import task_for
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
-from data_shards.reader import load_split, make_loader
 from data_shards.transforms import output_size
 from methods import get_method
-from methods.attacks import eval_mode
-from methods.base import BaseConfig, Episode, TrainContext
+from methods.base import BaseConfig
 
 EpochCallback = Callable[[dict[str, Any], "Path | None"], None]  # (row, checkpoint folder or None)
 
@@ -60,10 +57,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+def write_json_atomic(obj: Any, path: Path) -> None:  # bench/sweep/merge_search.py's name for it
+    atomic_write_json(path, obj)
 
 
 def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
@@ -71,8 +66,7 @@ def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
     ds_dir = dataset_dir(cfg.dataset, data_root)
     manifest = read_manifest(ds_dir)
     check_backbone(cfg.backbone)
-    method_cls = get_method(cfg.method)
-    needed = ("train", "test") if method_cls.episodic else ("train", "val", "test")
+    needed = task_for(get_method(cfg.method)).required_splits
     missing = [s for s in needed if s not in manifest["splits"]]
     if missing:
         raise ValueError(f"data set {cfg.dataset!r} ({ds_dir}) has no {'/'.join(missing)} split")
@@ -129,6 +123,10 @@ def is_pool_config(cfg: BaseConfig) -> bool:
 
 
 class Trial:
+    """One trial's recipe: set up or resume, train epoch by epoch (validate, select, checkpoint, report),
+    evaluate the selected weights, write result.json. What it trains on and is measured on is its task's
+    (``bench/tasks.py``: supervised or episodic)."""
+
     def __init__(self, cfg, out_dir: Path, ds_dir: Path, *, progress, epoch_callback, run_id, group, sweep,
                  track, evaluate=True, data_root=None):
         self.evaluate, self.data_root = evaluate, data_root
@@ -140,9 +138,55 @@ class Trial:
         self.rank, self.world_size = world()
         self.device = trial_device()
         self.ckpt_dir = out_dir / "checkpoints"
+        self.method_cls = get_method(cfg.method)
+
+    # --- the whole trial -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        done = self._prepare_out_dir()
+        if done is not None:
+            return done
+        seed_everything(cfg.seed)
+        t0 = time.time()
+        self._build()
+        self.task.open()
+        history = self._resume()  # a killed trial resumes after its last finished epoch
+        self.tracker = self._start_tracking()
+        bar = tqdm(desc=f"{cfg.method} on {cfg.dataset}", initial=self.start_epoch, total=cfg.epochs, unit="epoch",
+                   disable=not self.progress or self.rank != 0)
+        for epoch in range(self.start_epoch, cfg.epochs if self.method.needs_training else self.start_epoch):
+            val, stop = self._epoch(epoch, history)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in val.items()})
+            bar.update(1)
+            if stop:
+                break
+        bar.close()
+        if not self.method.needs_training and not history:
+            # A merging trial trains nothing but is still selected on validation (the sweep's objective):
+            # validation of what it evaluates, from held-out data.
+            self._report_epoch(history, {"epoch": 0, **self.task.validate_targets(self.method)}, None)
+        selected_epoch = self._load_selected()
+        if self.rank != 0:  # rank 0 alone evaluates and reports
+            return {"status": "ok", "rank": self.rank, "history": history}
+        seed_everything(epoch_seed(cfg.seed, cfg.epochs))  # the same attacks however many epochs ran here
+        t_eval = time.time()
+        result = self._identity()
+        if self.evaluate:
+            result.update(self.task.evaluate(self.method, progress=self.progress, state_dir=self.out_dir))
+        else:  # a validation-only candidate (a pool member, a merge-search setting): the leaderboard skips it
+            result["stage"] = "validation"
+        result.update(cost=self._cost(t0, eval_s=time.time() - t_eval), history=history,
+                      method_summary={**self.method.summary(), "selected_epoch": selected_epoch}, status="ok")
+        atomic_write_json(self.out_dir / "result.json", result)
+        if self.tracker is not None:
+            for note in self.tracker.finish(_flat_summary(result)) or []:
+                print(note)
+        return result
 
     # --- set-up ----------------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> dict | None:
+        """The result of a finished run in ``out_dir`` (nothing to redo), else None after checking that a
+        started run there has this config."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         args = self.out_dir / "args.yaml"
         if args.exists():
@@ -162,12 +206,12 @@ class Trial:
         return None
 
     def _build(self):
+        """The task, the method (backbone included) and the engine that trains it."""
         cfg = self.cfg
-        manifest = read_manifest(self.ds_dir)
-        self.manifest = manifest
-        num_classes = self.num_classes = cfg.ways if self.method_cls.episodic else manifest["num_classes"]
-        backbone = self._new_backbone()
-        self.method = self.method_cls(cfg, backbone, num_classes)
+        self.manifest = read_manifest(self.ds_dir)
+        self.task = task_for(self.method_cls)(cfg, self.ds_dir, self.manifest, device=self.device,
+                                              world_size=self.world_size, data_root=self.data_root)
+        self.method = self.method_cls(cfg, self._new_backbone(), self.task.num_classes)
         model = self.method.model.to(self.device)  # channels_last weights: build_engine decides
         optimizer = self.method.make_optimizer()
         if self.method.needs_training:
@@ -179,141 +223,75 @@ class Trial:
 
     def _new_backbone(self):
         cfg = self.cfg
-        return create_backbone(cfg.backbone, self.num_classes, pretrained=cfg.pretrained,
+        return create_backbone(cfg.backbone, self.task.num_classes, pretrained=cfg.pretrained,
                                image_size=output_size(cfg.transform, self.manifest, cfg.image_size)[0],
                                input_resize=cfg.input_resize)
 
-    def _data(self):
-        cfg = self.cfg
-        per_rank = max(1, cfg.batch_size // self.world_size)
-        cap = cfg.max_train_samples  # the reader caps the whole split, then splits it by node and worker
-        if self.method_cls.episodic:
-            from data_shards.episodes import EpisodeSampler
+    def _resume(self) -> list[dict]:
+        """Weights, optimizer state (on every rank), method state and counters of the last finished epoch, if
+        any; returns the history so far."""
+        self.start_epoch, self.images_seen, self.train_s = 0, 0, 0.0
+        resumed = load_latest(self.engine, self.ckpt_dir)
+        if resumed is None:
+            return []
+        self.method.load_state_dict(resumed["method"])
+        self.start_epoch = resumed["epoch"] + 1
+        self.images_seen, self.train_s = resumed["images_seen"], resumed["train_s"]
+        return list(resumed["history"])
 
-            fewshot = self.manifest.get("fewshot", {})
-            base = cfg.base_classes or fewshot.get("base_classes") or list(range(self.manifest["num_classes"]))
-            novel = cfg.novel_classes or fewshot.get("novel_classes") or base
-            self.train_sampler = EpisodeSampler(self.ds_dir, "train", base, cfg.ways, cfg.shots, cfg.queries,
-                                                seed=cfg.seed, image_size=cfg.image_size, transform=cfg.transform,
-                                                augment=cfg.augment)
-            self.val_sampler = self._val_sampler(base)
-            self.test_sampler = EpisodeSampler(self.ds_dir, "test", novel, cfg.ways, cfg.shots, cfg.queries,
-                                               seed=cfg.seed + 10_000, image_size=cfg.image_size,
-                                               transform=cfg.transform)
-            self.targets = self._targets(novel)
-            self.steps_per_epoch = cfg.episodes_per_epoch
-            return
-        self.train_loader = make_loader(self.ds_dir, "train", per_rank, train=True, augment=cfg.augment,
-                                        image_size=cfg.image_size, shuffle_buffer=cfg.shuffle_buffer,
-                                        max_samples=cap, num_workers=cfg.num_workers, seed=cfg.seed,
-                                        transform=cfg.transform)
-        self.steps_per_epoch = len(self.train_loader)
-        if self.world_size > 1:
-            # Ranks may hold unequal shares of the shards: all take the smallest step count, or the
-            # gradient all-reduce of the rank with more batches would wait forever.
-            import torch.distributed as dist
-
-            steps = torch.tensor([self.steps_per_epoch])
-            dist.all_reduce(steps, op=dist.ReduceOp.MIN)
-            self.steps_per_epoch = int(steps.item())
-        self.val = load_split(self.ds_dir, "val", max_samples=cfg.n_val, image_size=cfg.image_size,
-                              transform=cfg.transform)
-
-    def _targets(self, novel) -> list[dict]:
-        """The test domains: name, test sampler, validation sampler (None: no usable val split). Without
-        ``target_datasets``: the source's novel classes, validated on the training data's held-out episodes.
-        A named target uses its own test split and, for per-domain selection, its own val split, over its
-        manifest's novel classes (the source's ``novel_classes`` for the source itself), else all its classes."""
-        from data_shards.episodes import EpisodeSampler
-        from data_shards.paths import dataset_dir
-
-        cfg = self.cfg
-        if not cfg.target_datasets:
-            return [{"name": cfg.dataset, "test": self.test_sampler, "val": self.val_sampler}]
-        out = []
-        for name in cfg.target_datasets:
-            if name == cfg.dataset:
-                ds_dir, manifest, classes = self.ds_dir, self.manifest, novel
-            else:
-                ds_dir = dataset_dir(name, self.data_root)
-                manifest = read_manifest(ds_dir)
-                classes = manifest.get("fewshot", {}).get("novel_classes") or list(range(manifest["num_classes"]))
-            test = EpisodeSampler(ds_dir, "test", classes, cfg.ways, cfg.shots, cfg.queries,
-                                  seed=cfg.seed + 10_000, image_size=cfg.image_size, transform=cfg.transform)
-            out.append({"name": name, "test": test, "val": self._val_sampler(classes, ds_dir, manifest)})
-        return out
-
-    def _val_sampler(self, classes, ds_dir=None, manifest=None):
-        """Validation episodes come from a held-out (val) split, never the test set: the training data's,
-        or a target data set's."""
-        from data_shards.episodes import EpisodeSampler
-
-        cfg = self.cfg
-        ds_dir, manifest = ds_dir or self.ds_dir, manifest or self.manifest
-        split = manifest["splits"].get("val")
-        if split is None:
+    def _start_tracking(self):
+        if not self.track or self.rank != 0:
             return None
-        counts: dict[int, int] = {}
-        for shard_labels in split.get("labels", []):
-            for label in shard_labels:
-                counts[label] = counts.get(label, 0) + 1
-        usable = [c for c in classes if counts.get(c, 0) >= cfg.shots + 1]
-        if len(usable) < cfg.ways:
-            return None
-        queries = max(1, min(cfg.queries, min(counts[c] for c in usable) - cfg.shots))
-        return EpisodeSampler(ds_dir, "val", usable, cfg.ways, cfg.shots, queries, seed=1234,
-                              image_size=cfg.image_size, transform=cfg.transform)
+        from bench.report.tracking import start_run
 
-    def _train_batches(self):
         cfg = self.cfg
-        loader = make_loader(self.ds_dir, "train", cfg.eval_batch_size, train=False, image_size=cfg.image_size,
-                             max_samples=cfg.max_train_samples, transform=cfg.transform)
-        for x, y in loader:
-            yield x.to(self.device), y.to(self.device)
-
-    def _augmented_train_batches(self):
-        # The training loader's own pipeline (augmentation, per-rank share) on a separate shuffle stream, so
-        # that these passes leave the training epochs' data order as it is.
-        if getattr(self, "_aug_loader", None) is None:
-            self._aug_loader = copy.copy(self.train_loader)
-            self._aug_loader.seed = self.train_loader.seed + 7919
-        # each pass a function of (seed, epoch, pass within the epoch), so a resumed epoch replays it
-        self._aug_loader.set_epoch(self._epoch * 1_000 + self._aug_passes)
-        self._aug_passes += 1
-        for x, y in self._aug_loader:
-            yield x.to(self.device), y.to(self.device)
+        return start_run(cfg.to_dict(), self.out_dir, run_id=self.run_id, name=self.run_id, group=self.group,
+                         tags=[cfg.method, cfg.dataset, cfg.backbone], job_type=cfg.method)
 
     # --- one epoch -------------------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
+    def _epoch(self, epoch: int, history: list[dict]) -> tuple[dict[str, float], bool]:
+        """Train, validate, select and checkpoint epoch ``epoch``; returns (its validation, stop here)."""
         cfg = self.cfg
-        self._epoch, self._aug_passes = epoch, 0
-        ctx = TrainContext(epoch=epoch, steps_per_epoch=self.steps_per_epoch, device=self.device,
-                           train_batches=self._train_batches,
-                           augmented_train_batches=None if self.method_cls.episodic else self._augmented_train_batches)
+        seed_everything(epoch_seed(cfg.seed, epoch))
+        t_epoch = time.time()
+        logs = self._train_epoch(epoch)
+        self.train_s += time.time() - t_epoch
+        sync_buffers(self.engine)  # what the checkpoint keeps is what every rank goes on with
+        # every rank decides on rank 0's validation figures (BN statistics may differ between ranks),
+        # so that all take the same collective steps below
+        val = self._from_rank0(self.task.validate(self.method))
+        decision = self.method.end_epoch(epoch, val)
+        row = {"epoch": epoch, **logs, **val, "lr": logs.get("lr", self.method.current_lr())}
+        history.append(row)
+        if decision.is_best:
+            save_best(self.engine, self.ckpt_dir, epoch)
+        has_best = float((self.ckpt_dir / BEST).exists())
+        if decision.reload_best and self._from_rank0({"best": has_best})["best"]:
+            best = load_best(self.ckpt_dir) if self.rank == 0 else None
+            load_full_state(self.engine, best["model"] if best else None)
+        save_checkpoint(self.engine, self.ckpt_dir, epoch,
+                        {"epoch": epoch, "method": self.method.state_dict(), "images_seen": self.images_seen,
+                         "train_s": self.train_s, "history": history})
+        self._report_epoch(history, row, self.ckpt_dir)
+        return val, decision.stop or epoch == cfg.epochs - 1
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, steps = self.cfg, self.task.steps_per_epoch
+        ctx = self.task.train_context(epoch)
         logs = dict(self.method.start_epoch(ctx))
         self.engine.module.train()
         sums: dict[str, float] = {}
         n_steps = 0
-        if self.method_cls.episodic:
-            batches = (self.train_sampler.sample(epoch * cfg.episodes_per_epoch + i)
-                       for i in range(cfg.episodes_per_epoch))
-        else:
-            self.train_loader.set_epoch(epoch)  # shard order, shuffle and augmentation of this epoch
-            batches = iter(self.train_loader)
-        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not self.progress or self.rank != 0)
+        bar = tqdm(self.task.train_batches(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=not self.progress or self.rank != 0)
         for step, batch in enumerate(bar):
-            if step >= self.steps_per_epoch:
+            if step >= steps:
                 break
             ctx.step = step
-            batch = [t.to(self.device) for t in batch]
-            if cfg.channels_last:
-                batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
-            batch = Episode(*batch) if self.method_cls.episodic else tuple(batch)
+            batch = self.task.batch(batch)
             with train_autocast(cfg, self.device):
                 step_logs = self.method.train_step(self.engine, batch, ctx)
-            self.images_seen += (len(batch[0]) + len(batch[2]) if self.method_cls.episodic else len(batch[0])) \
-                * self.world_size
+            self.images_seen += self.task.images(batch) * self.world_size
             for k, v in step_logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_steps += 1
@@ -322,105 +300,18 @@ class Trial:
         logs.update({k: v / max(1, n_steps) for k, v in sums.items()})
         return logs
 
-    def _validate(self, adversarial: bool = False, sampler=None) -> dict[str, float]:
-        cfg = self.cfg
-        if self.method_cls.episodic:
-            sampler = sampler or self.val_sampler
-            if sampler is None:
-                return {}
-            from dataclasses import replace
+    def _report_epoch(self, history: list[dict], row: dict[str, Any], ckpt_dir: Path | None) -> None:
+        """history.json, the tracker and the caller's callback (a sweep's report to Tune) learn of ``row``."""
+        if self.rank == 0:
+            atomic_write_json(self.out_dir / "history.json", history)
+        if self.tracker is not None:
+            self.tracker.log(row, step=row["epoch"])
+        if self.epoch_callback is not None:
+            self.epoch_callback(row, ckpt_dir)
 
-            from bench.fewshot import evaluate_fewshot
-
-            attack = adversarial and cfg.val_pgd_steps > 0  # PGD-val_pgd_steps on the validation queries
-            out = evaluate_fewshot(self.method, sampler, cfg.val_episodes,
-                                   replace(cfg, eval_pgd_steps=cfg.val_pgd_steps), attack=attack,
-                                   device=self.device, progress=False, autoattack="off")
-            val = {"val_fewshot_acc": out["clean_acc"]}
-            if attack:
-                val["val_fewshot_pgd_acc"] = out["adv_acc"]
-            return val
-        model = self.method.eval_model()
-        x, y = self.val
-        val = {"val_clean_acc": clean_accuracy(model, x, y, cfg.eval_batch_size, self.device)}
-        if cfg.val_pgd_steps > 0:
-            val["val_pgd_acc"] = pgd_accuracy(model, x, y, eps=cfg.eps, step_size=cfg.eval_step_size,
-                                              steps=cfg.val_pgd_steps, batch_size=cfg.eval_batch_size,
-                                              device=self.device)
-        return val
-
-    # --- the whole trial -------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        self.method_cls = get_method(cfg.method)
-        done = self._prepare_out_dir()
-        if done is not None:
-            return done
-        seed_everything(cfg.seed)
-        t0 = time.time()
-        self._build()
-        self._data()
-        start_epoch, self.images_seen, train_s = 0, 0, 0.0
-        resumed = load_latest(self.engine, self.ckpt_dir)  # weights and optimizer state, on every rank
-        if resumed is not None:  # a killed trial resumes after its last finished epoch
-            self.method.load_state_dict(resumed["method"])
-            start_epoch = resumed["epoch"] + 1
-            self.images_seen, train_s = resumed["images_seen"], resumed["train_s"]
-        tracker = None
-        if self.track and self.rank == 0:
-            from bench.report.tracking import start_run
-
-            tracker = start_run(cfg.to_dict(), self.out_dir, run_id=self.run_id, name=self.run_id,
-                                group=self.group, tags=[cfg.method, cfg.dataset, cfg.backbone],
-                                job_type=cfg.method)
-        history = list(resumed["history"]) if resumed is not None else []
-        bar = tqdm(desc=f"{cfg.method} on {cfg.dataset}", initial=start_epoch, total=cfg.epochs, unit="epoch",
-                   disable=not self.progress or self.rank != 0)
-        for epoch in range(start_epoch, cfg.epochs if self.method.needs_training else start_epoch):
-            seed_everything(epoch_seed(cfg.seed, epoch))
-            t_epoch = time.time()
-            logs = self._train_epoch(epoch)
-            train_s += time.time() - t_epoch
-            sync_buffers(self.engine)  # what the checkpoint keeps is what every rank goes on with
-            # every rank decides on rank 0's validation figures (BN statistics may differ between ranks),
-            # so that all take the same collective steps below
-            val = self._from_rank0(self._validate())
-            decision = self.method.end_epoch(epoch, val)
-            row = {"epoch": epoch, **logs, **val, "lr": logs.get("lr", self.method.current_lr())}
-            history.append(row)
-            if decision.is_best:
-                save_best(self.engine, self.ckpt_dir, epoch)
-            has_best = float((self.ckpt_dir / BEST).exists())
-            if decision.reload_best and self._from_rank0({"best": has_best})["best"]:
-                best = load_best(self.ckpt_dir) if self.rank == 0 else None
-                load_full_state(self.engine, best["model"] if best else None)
-            stop = decision.stop or epoch == cfg.epochs - 1
-            save_checkpoint(self.engine, self.ckpt_dir, epoch,
-                            {"epoch": epoch, "method": self.method.state_dict(), "images_seen": self.images_seen,
-                             "train_s": train_s, "history": history})
-            if self.rank == 0:
-                write_json_atomic(history, self.out_dir / "history.json")
-            if tracker is not None:
-                tracker.log(row, step=epoch)
-            if self.epoch_callback is not None:
-                self.epoch_callback(row, self.ckpt_dir)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in val.items()})
-            bar.update(1)
-            if stop:
-                break
-        bar.close()
-        if not self.method.needs_training and not history:
-            # A merging trial trains nothing but is still selected on validation (the sweep's objective):
-            # validation episodes of what it evaluates, from the held-out training data.
-            row = {"epoch": 0, **self._validate_targets()}
-            history.append(row)
-            if self.rank == 0:
-                write_json_atomic(history, self.out_dir / "history.json")
-            if tracker is not None:
-                tracker.log(row, step=0)
-            if self.epoch_callback is not None:
-                self.epoch_callback(row, None)
-        # evaluate the checkpoint that validation selected, else the last weights
+    # --- after training --------------------------------------------------------------------------------
+    def _load_selected(self) -> int | None:
+        """Load the weights of the epoch that validation selected (else keep the last); returns that epoch."""
         best = load_best(self.ckpt_dir) if self.rank == 0 else None
         selected_epoch = best["epoch"] if best else None
         if self.engine.zero_optimization_partition_weights():
@@ -433,45 +324,16 @@ class Trial:
                 self.method = self._plain_method(best["model"])
         elif best is not None:
             self.engine.module.load_state_dict(best["model"])
-        if self.rank != 0:  # rank 0 alone evaluates and reports
-            return {"status": "ok", "rank": self.rank, "history": history}
-        seed_everything(epoch_seed(cfg.seed, cfg.epochs))  # the same attacks however many epochs ran here
-        t_eval = time.time()
-        # without its test evaluation a trial is a validation-only candidate (a pool member, a merge-search
-        # setting): the leaderboard skips it
-        result = self._evaluate() if self.evaluate else {**self._identity(), "stage": "validation"}
-        eval_s = time.time() - t_eval
-        cost = {"wall_s": time.time() - t0, "train_s": train_s, "eval_s": eval_s,
-                "device": _device_name(self.device),
-                "images_per_s": self.images_seen / train_s if train_s > 0 else None}
-        pool = _pool_cost(cfg)
-        if pool:  # a merging trial costs its pool's training too (summed: the cost of the result from scratch)
-            cost.update(pool=pool, wall_s=cost["wall_s"] + pool["wall_s"], train_s=train_s + pool["train_s"])
-        result.update({
-            "cost": cost,
-            "history": history,
-            "method_summary": {**self.method.summary(), "selected_epoch": selected_epoch},
-            "status": "ok",
-        })
-        if self.rank == 0:
-            write_json_atomic(result, self.out_dir / "result.json")
-        if tracker is not None:
-            for note in tracker.finish(_flat_summary(result)) or []:
-                print(note)
-        return result
+        return selected_epoch
 
-    def _validate_targets(self) -> dict[str, float]:
-        """Validation of every test domain (per-domain selection, e.g. of merge settings): keys suffixed
-        ``@<target>``; the unsuffixed keys are the first target's. Without ``target_datasets``: ``_validate``."""
-        if not getattr(self.cfg, "target_datasets", None):
-            return self._validate(adversarial=True)
-        row: dict[str, float] = {}
-        for target in self.targets:
-            val = self._validate(adversarial=True, sampler=target["val"]) if target["val"] is not None else {}
-            if not row:
-                row.update(val)
-            row.update({f"{k}@{target['name']}": v for k, v in val.items()})
-        return row
+    def _cost(self, t0: float, eval_s: float) -> dict[str, Any]:
+        cost = {"wall_s": time.time() - t0, "train_s": self.train_s, "eval_s": eval_s,
+                "device": _device_name(self.device),
+                "images_per_s": self.images_seen / self.train_s if self.train_s > 0 else None}
+        pool = _pool_cost(self.cfg)
+        if pool:  # a merging trial costs its pool's training too (summed: the cost of the result from scratch)
+            cost.update(pool=pool, wall_s=cost["wall_s"] + pool["wall_s"], train_s=self.train_s + pool["train_s"])
+        return cost
 
     def _from_rank0(self, values: dict[str, float]) -> dict[str, float]:
         """``values`` as rank 0 has them (same keys on every rank)."""
@@ -485,7 +347,7 @@ class Trial:
         """A copy of the trial's method outside DeepSpeed (no ZeRO-3 hooks), holding the full weights
         ``state`` and the method's own state."""
         cfg = self.cfg
-        method = self.method_cls(cfg, self._new_backbone(), self.num_classes)
+        method = self.method_cls(cfg, self._new_backbone(), self.task.num_classes)
         method.load_state_dict(self.method.state_dict())
         model = method.model.to(self.device)
         if cfg.bf16:  # as build_engine: the trained weights are bf16
@@ -501,26 +363,6 @@ class Trial:
         }
         if self.sweep:
             result["sweep"] = self.sweep
-        return result
-
-    def _evaluate(self) -> dict[str, Any]:
-        cfg = self.cfg
-        result = self._identity()
-        if self.method_cls.episodic:
-            from bench.fewshot import evaluate_fewshot
-
-            blocks = {t["name"]: evaluate_fewshot(self.method, t["test"], cfg.episodes, cfg, attack=True,
-                                                  device=self.device, progress=self.progress)
-                      for t in self.targets}
-            result["fewshot"] = next(iter(blocks.values()))  # the first (primary) target's
-            if cfg.target_datasets:
-                result["fewshot_targets"] = blocks
-        else:
-            x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size,
-                              transform=cfg.transform)
-            result["metrics"] = robust_metrics(self.method.eval_model(), x, y, cfg, device=self.device,
-                                               progress=self.progress and self.rank == 0,
-                                               state_dir=self.out_dir)  # a killed evaluation resumes
         return result
 
 
@@ -564,5 +406,5 @@ def write_error_result(cfg: BaseConfig, out_dir: Path, exc: BaseException, sweep
               "traceback": traceback.format_exc()}
     if sweep:
         result["sweep"] = sweep
-    write_json_atomic(result, out_dir / "result.json")
+    atomic_write_json(out_dir / "result.json", result)
     return result
