@@ -57,10 +57,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:  # bench/sweep/merge_search.py's name for it
-    atomic_write_json(path, obj)
-
-
 def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
     """Everything that can be wrong with the request, checked before any work starts."""
     ds_dir = dataset_dir(cfg.dataset, data_root)

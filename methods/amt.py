@@ -32,7 +32,7 @@ from torch import nn
 
 from methods.attacks import eval_mode
 from methods.amt_pool import member_runs, pool_eps_list, write_manifest  # noqa: F401 (pool_eps_list: API)
-from methods.base import TrainContext, field_roles, setting
+from methods.base import TrainContext, setting
 from methods.merge import diff_augment, merge_weights, merged_overrides, support_score
 from methods.pmf import ProtoNetLoRA, ProtoNetLoRAConfig, episode_to, prototypes
 from methods.registry import register_method
@@ -123,10 +123,6 @@ class AMTConfig(ProtoNetLoRAConfig):
         for e in self.pool_eps + ([self.member_eps] if self.member_eps is not None else []):
             if not 0.0 <= e <= 255.0:
                 raise ValueError(f"pool/member eps {e} must be in [0, 255] (/255 units, e.g. 8 for 8/255)")
-
-
-# The fields of role "pool" (kept as a name for bench/sweep until it reads the roles itself).
-POOL_ONLY_FIELDS = tuple(name for name, role in field_roles(AMTConfig).items() if role == "pool")
 
 
 def kl_clean_adv(adv_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
