@@ -403,6 +403,8 @@ def test_amt_sweep_trains_members_once_in_a_first_phase_and_resumes(tmp_path, sh
         assert sorted(m["trained_in"] for m in pool["members"]) == sorted(str(m) for m in members)
     records, problems = load_results(res)
     assert len(records) == 2 and not problems, problems  # members are not leaderboard entries
+    tune_dirs = sorted(p.name for p in (res / "_tune" / "pool").iterdir() if p.is_dir())
+    assert tune_dirs == sorted(files), tune_dirs  # Tune names a planned trial as its results folder
     before = {m.name: (m / "attempts.jsonl").read_text() for m in members}
     summary = run_sweep(load_sweep(path), res, data_root=shards_root, resume=True, leaderboard=False, verbose=0)
     assert summary["n_error"] == 0 and {m.name: (m / "attempts.jsonl").read_text() for m in members} == before

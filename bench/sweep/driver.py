@@ -19,6 +19,7 @@ sampled settings, bench.sweep.trainables) on a Ray cluster, then its results (be
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -103,8 +104,15 @@ def resolve_data_root(data_root: str | Path | None) -> Path:
     return Path(root).expanduser().resolve()
 
 
-def _dirname_creator(trial) -> str:
-    return Path(trial_folder(trial.config, trial.trial_id)).name
+def _dirname_creator(trial, points: list[dict] | None = None) -> str:
+    """Tune's name and folder of a trial. A planned trial's settings are its point's (bench.sweep.phases):
+    Tune names a trial before it resolves the settings read from the point."""
+    from bench.sweep.phases import POINT
+
+    config = trial.config
+    if points is not None and isinstance(config.get(POINT), int):
+        config = {**config, **points[config[POINT]]}
+    return Path(trial_folder(config, trial.trial_id)).name
 
 
 def _param_space(spec) -> dict[str, Any]:
@@ -265,8 +273,11 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                "storage": storage_path, "node_local": storage is not None, "max_failures": spec.max_failures,
                "merge_search": spec.merge_search}
 
-        def fit(name: str, n_trials: int, **tune_config):
-            """One Tune run (restored when ``--resume`` finds it) of ``sweep_trial`` with ``ctx``."""
+        from bench.sweep.phases import points_space
+
+        def fit(name: str, n_trials: int, points: list[dict] | None = None, **tune_config):
+            """One Tune run (restored when ``--resume`` finds it) of ``sweep_trial`` with ``ctx``; ``points``:
+            the planned trials it runs (bench.sweep.phases), else the sweep's space."""
             trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), _trial_resources(spec))
             if resume and exists[name]:
                 tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable=trainable,
@@ -274,12 +285,13 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
             else:
                 from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 
-                param_space = tune_config.pop("param_space")
+                param_space = points_space(points) if points is not None else tune_config.pop("param_space")
+                namer = functools.partial(_dirname_creator, points=points)
                 tuner = tune.Tuner(
                     trainable, param_space=param_space,
                     tune_config=tune.TuneConfig(
                         metric=OBJECTIVE, mode=spec.mode, max_concurrent_trials=spec.max_concurrent_trials,
-                        trial_dirname_creator=_dirname_creator, trial_name_creator=_dirname_creator, **tune_config),
+                        trial_dirname_creator=namer, trial_name_creator=namer, **tune_config),
                     run_config=RunConfig(
                         name=name, storage_path=storage_path, verbose=verbose if verbose >= 2 else 0,
                         failure_config=FailureConfig(max_failures=spec.max_failures),
@@ -334,7 +346,7 @@ def _two_phases(spec, plan: dict, ctx: dict, results: Path, fit, t_start: float)
     trials need, as ordinary trials in ``RESULTS/_prerequisites/``; phase 2 runs the planned trials, each
     assembled by its method from the phase-1 folders. Returns phase 2's results."""
     from bench.prerequisites import PREREQUISITES_DIR
-    from bench.sweep.phases import points_space, run_points
+    from bench.sweep.phases import run_points
 
     from ray.tune.schedulers import FIFOScheduler
 
@@ -345,7 +357,7 @@ def _two_phases(spec, plan: dict, ctx: dict, results: Path, fit, t_start: float)
           f"({', '.join(spec.methods)}) -> {results}", flush=True)
     budget = spec.time_budget_s
     # every run is needed whole by some trial: none is stopped early (FIFO), whatever the sweep's scheduler
-    first = fit(spec.name + FIRST_PHASE_SUFFIX, len(runs), param_space=points_space(runs),
+    first = fit(spec.name + FIRST_PHASE_SUFFIX, len(runs), points=runs,
                 scheduler=FIFOScheduler(), num_samples=1, time_budget_s=budget)
     failed = [r.config.get("prerequisite") for r in first if r.error]
     if failed:
@@ -356,7 +368,7 @@ def _two_phases(spec, plan: dict, ctx: dict, results: Path, fit, t_start: float)
                                            if r.checkpoint is not None}
     if budget is not None:
         budget = max(1.0, budget - (time.time() - t_start))
-    return fit(spec.name, len(trials), param_space=points_space(trials), scheduler=_scheduler(spec),
+    return fit(spec.name, len(trials), points=trials, scheduler=_scheduler(spec),
                num_samples=1, time_budget_s=budget)
 
 
