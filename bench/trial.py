@@ -186,10 +186,7 @@ class Trial:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         args = self.out_dir / "args.yaml"
         if args.exists():
-            import yaml
-
-            old = yaml.safe_load(args.read_text())
-            if config_hash(old) != self.hash or old.get("seed") != self.cfg.seed:
+            if holds_other_run(self.out_dir, self.cfg):
                 raise ValueError(f"{self.out_dir} holds a run with another config (args.yaml); "
                                  f"use another --out or remove it")
             done = self.out_dir / "result.json"
@@ -393,14 +390,30 @@ def _flat_summary(result: dict) -> dict[str, float]:
     return out
 
 
+def holds_other_run(out_dir: Path, cfg: BaseConfig) -> bool:
+    """True when ``out_dir`` holds a run (its args.yaml) of another config or seed than ``cfg``."""
+    args = Path(out_dir) / "args.yaml"
+    if not args.exists():
+        return False
+    import yaml
+
+    old = yaml.safe_load(args.read_text()) or {}
+    return config_hash(old) != config_hash(cfg) or old.get("seed") != cfg.seed
+
+
 def write_error_result(cfg: BaseConfig, out_dir: Path, exc: BaseException, sweep: dict | None = None) -> dict:
-    """A trial that raised is recorded with its error, so a sweep's other trials and the leaderboard go on."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """A trial that raised is recorded with its error, so a sweep's other trials and the leaderboard go on;
+    never into a folder holding another config's run (that run's result.json stays)."""
     result = {"id": f"{cfg.method}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}", "method": cfg.method,
               "dataset": cfg.dataset, "backbone": cfg.backbone, "seed": cfg.seed, "config": cfg.to_dict(),
               "config_hash": config_hash(cfg), "status": "error", "error": f"{type(exc).__name__}: {exc}",
               "traceback": traceback.format_exc()}
     if sweep:
         result["sweep"] = sweep
-    atomic_write_json(out_dir / "result.json", result)
+    try:
+        other = holds_other_run(out_dir, cfg)
+    except Exception:  # an unreadable args.yaml: leave the folder as it is rather than hide the trial's error
+        other = True
+    if not other:
+        atomic_write_json(out_dir / "result.json", result)  # (atomic_write makes the folder)
     return result
