@@ -88,7 +88,7 @@ def points_space(points: list[dict[str, Any]]) -> dict[str, Any]:
 
     space: dict[str, Any] = {POINT: tune.grid_search(list(range(len(points))))}
     for key in sorted({k for p in points for k in p}):
-        space[key] = tune.sample_from(lambda spec, key=key: points[spec.config[POINT]].get(key))
+        space[key] = tune.sample_from(lambda config, key=key: points[config[POINT]].get(key))
     return space
 
 
