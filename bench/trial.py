@@ -160,7 +160,8 @@ class Trial:
         if not self.method.needs_training and not history:
             # A merging trial trains nothing but is still selected on validation (the sweep's objective):
             # validation of what it evaluates, from held-out data.
-            self._report_epoch(history, {"epoch": 0, **self.task.validate_targets(self.method)}, None)
+            history.append({"epoch": 0, **self.task.validate_targets(self.method)})
+            self._report_epoch(history, history[-1], None)
         selected_epoch = self._load_selected()
         if self.rank != 0:  # rank 0 alone evaluates and reports
             return {"status": "ok", "rank": self.rank, "history": history}
