@@ -17,6 +17,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, dpi: int) -> bool:
+    """Lay out, write atomically as PNG (a reader never sees half an image) and free the figure."""
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, format="png"))
+    _plt().close(fig)
+    return True
+
+
 def plot_pareto(rows: list[dict], path: Path) -> bool:
     """One panel per comparison group (its Pareto front is the group's)."""
     groups = [(label, [r for r in rs if r["clean_acc"] is not None and r["robust_acc"] is not None])
@@ -51,10 +59,7 @@ def plot_pareto(rows: list[dict], path: Path) -> bool:
         ax.set_ylabel(f"robust accuracy (%) [{', '.join(metrics)}]")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
-    return True
+    return _save(fig, path, dpi=100)
 
 
 _SCHEDULE_KEYS = ("lambda1", "lambda2", "lambda", "eta", "lam1", "lam2")
@@ -115,10 +120,7 @@ def plot_curves(records: list[dict], path: Path) -> bool:
             h2, l2 = ax2.get_legend_handles_labels()
             h3, l3 = ax3.get_legend_handles_labels()
             ax2.legend(h2 + h3, l2 + l3, fontsize=6)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
-    plt.close(fig)
-    return True
+    return _save(fig, path, dpi=90)
 
 
 def plot_params(records: list[dict], path: Path) -> bool:
@@ -147,7 +149,4 @@ def plot_params(records: list[dict], path: Path) -> bool:
         ax.set_ylabel("robust accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
-    plt.close(fig)
-    return True
+    return _save(fig, path, dpi=90)

@@ -158,7 +158,6 @@ def sweep_trial(config: dict, ctx: dict) -> None:
     _quiet_trial_logs()
     cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id,
                                                     _trial_out_dir(ctx, trial_folder(config, trial_id)))
-    from bench.trial import run_trial, write_error_result
 
     if ctx["workers"] > 1:
         return _multi_worker_trial(config, ctx, trial_id, cfg, out_dir)
@@ -170,13 +169,7 @@ def sweep_trial(config: dict, ctx: dict) -> None:
         tune.report(_report_metrics(row, metric), checkpoint=_report_dir(out_dir) if ckpt_dir is not None else None)
 
     try:
-        cfg = _assembled(cfg, ctx, out_dir)
-        result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
-                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True,
-                           evaluate=_evaluates(config, ctx))
-    except Exception as exc:
-        write_error_result(cfg, out_dir, exc, sweep=sweep_info)
-        raise
+        result = _run(config, ctx, trial_id, cfg, out_dir, sweep_info, on_epoch, writes_error=True)
     finally:
         from bench.report.tracking import close_service
 
@@ -184,6 +177,23 @@ def sweep_trial(config: dict, ctx: dict) -> None:
     # Test metrics, in the last result Tune keeps (and the only report of a trial that was already done);
     # the folder goes with it, so that result.json reaches RESULTS through the storage.
     tune.report(_final_metrics(result, metric), checkpoint=_report_dir(out_dir) if ctx.get("node_local") else None)
+
+
+def _run(config: dict, ctx: dict, trial_id: str, cfg, out_dir: Path, sweep_info: dict, on_epoch,
+         *, writes_error: bool) -> dict:
+    """``run_trial`` on the trial's config with the runs it needed first assembled into it; a failure leaves
+    an error result.json (written by one process) before it propagates to Tune."""
+    from bench.trial import run_trial, write_error_result
+
+    try:
+        cfg = _assembled(cfg, ctx, out_dir)
+        return run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
+                         run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True,
+                         evaluate=_evaluates(config, ctx))
+    except Exception as exc:
+        if writes_error:
+            write_error_result(cfg, out_dir, exc, sweep=sweep_info)
+        raise
 
 
 def _evaluates(config: dict, ctx: dict) -> bool:
@@ -225,7 +235,6 @@ def train_worker_loop(loop_cfg: dict) -> None:
     _quiet_trial_logs()
     config, ctx, trial_id = loop_cfg["config"], loop_cfg["ctx"], loop_cfg["trial_id"]
     cfg, out_dir, sweep_info, metric = _trial_setup(config, ctx, trial_id, loop_cfg["out_dir"])
-    from bench.trial import run_trial, write_error_result
 
     rank = rt.get_context().get_world_rank()
     # one worker per node reports the trial's folder, which on that node holds every local rank's part of
@@ -238,15 +247,7 @@ def train_worker_loop(loop_cfg: dict) -> None:
         ckpt = rt.Checkpoint.from_directory(str(out_dir)) if ckpt_dir is not None and reports_dir else None
         rt.report(_report_metrics(row, metric), checkpoint=ckpt)
 
-    try:
-        cfg = _assembled(cfg, ctx, out_dir)
-        result = run_trial(cfg, out_dir, data_root=ctx["data_root"], progress=False, epoch_callback=on_epoch,
-                           run_id=trial_id, group=ctx["name"], sweep=sweep_info, track=True,
-                           evaluate=_evaluates(config, ctx))
-    except Exception as exc:
-        if rank == 0:
-            write_error_result(cfg, out_dir, exc, sweep=sweep_info)
-        raise
+    result = _run(config, ctx, trial_id, cfg, out_dir, sweep_info, on_epoch, writes_error=rank == 0)
     # every worker reports once more (Ray Train counts reports per worker); rank 0's metrics are Tune's,
     # and its folder, now with result.json, is the last checkpoint
     ckpt = rt.Checkpoint.from_directory(str(out_dir)) if reports_dir else None
