@@ -104,6 +104,11 @@ def resolve_config(method: str, overrides: dict[str, Any] | None = None) -> Base
     return cfg
 
 
+def with_overrides(cfg: BaseConfig, overrides: dict[str, Any]) -> BaseConfig:
+    """``cfg`` with some fields changed, coerced and validated as any resolved config."""
+    return resolve_config(cfg.method, {**{k: v for k, v in cfg.to_dict().items() if k != "method"}, **overrides})
+
+
 def parse_set_args(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items or []:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.config import config_hash, resolve_config
+from bench.config import config_hash, resolve_config, with_overrides
 from methods import get_method
 from methods.base import RUN_DIR, BaseConfig
 
@@ -43,8 +43,7 @@ def prerequisite_runs(cfg: BaseConfig) -> list[PrerequisiteRun]:
     """The runs ``cfg``'s trial needs first, in the method's order."""
     runs = []
     for overrides in get_method(cfg.method).prerequisite_runs(cfg):
-        values = {**{k: v for k, v in cfg.to_dict().items() if k != "method"}, **overrides}
-        run_cfg = resolve_config(cfg.method, values)
+        run_cfg = with_overrides(cfg, overrides)
         if get_method(cfg.method).prerequisite_runs(run_cfg):
             raise ValueError(f"{cfg.method}: a prerequisite run may not need runs of its own ({overrides})")
         name = f"{cfg.method}-{config_hash(run_cfg, ignore=('speed',))}-s{run_cfg.seed}"
@@ -77,8 +76,7 @@ def assemble(cfg: BaseConfig, root: str | Path, out_dir: str | Path) -> BaseConf
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = get_method(cfg.method).assemble(cfg, finished, out_dir)
-    assembled = resolve_config(cfg.method, {**{k: v for k, v in cfg.to_dict().items() if k != "method"},
-                                            **overrides})
+    assembled = with_overrides(cfg, overrides)
     if prerequisite_runs(assembled):
         raise ValueError(f"{cfg.method}.assemble left a config that still needs runs first")
     return assembled
