@@ -1,6 +1,9 @@
 """Robust evaluation: clean accuracy, PGD-k accuracy and the official AutoAttack (pyautoattack).
 
-All three run on the same first ``n_eval`` test samples, with the model in eval mode.
+All three run on the same first ``n_eval`` test samples, with the model in eval mode and in fp32 whatever
+the training dtype (:class:`fp32_eval`). Every attack yields one flag per sample, and a sample is robust
+only if it is classified correctly clean and under the attack (``robust <= clean`` by construction); a
+row's headline ``robust_acc`` is the per-sample conjunction over every attack that ran.
 """
 from __future__ import annotations
 
@@ -14,13 +17,54 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.files import atomic_write_json
-from methods.attacks import eval_mode, pgd_linf
+from methods.attacks import eval_mode, pgd_linf_robust
+
+log = logging.getLogger(__name__)
+
+
+class fp32_eval:
+    """Evaluate ``module`` in fp32: floating parameters and buffers held in another dtype (DeepSpeed bf16
+    weights) are swapped for fp32 copies for the duration, then the very tensors they were are put back, so
+    DeepSpeed's views into its flat buffers stay intact and training goes on untouched.
+
+    Why: bf16's 8-bit mantissa quantises a perturbation of 1/255 on a pixel near 1 and APGD's step-size
+    control; an attack in bf16 measures the number format, not the model. ZeRO-3 partitions (``ds_id``)
+    are gathered by DeepSpeed's hooks in their own dtype and left as they are (the trial's test evaluation
+    runs a plain fp32 copy there)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.params, self.buffers = [], []
+        for m in self.module.modules():
+            for p in m._parameters.values():
+                if p is not None and p.is_floating_point() and p.dtype != torch.float32 and not hasattr(p, "ds_id"):
+                    self.params.append((p, p.data))
+                    p.data = p.data.float()
+            for name, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                    self.buffers.append((m, name, b))
+                    m._buffers[name] = b.float()
+        return self.module
+
+    def __exit__(self, *exc):
+        for p, data in self.params:
+            p.data = data
+        for m, name, b in self.buffers:
+            m._buffers[name] = b
+        return False
+
+
+def pgd_step(cfg) -> float:
+    """The evaluation PGD's step: ``eval_step_size``, or eps/4 when unset (the papers' 2/255 at 8/255)."""
+    return cfg.eval_step_size if cfg.eval_step_size is not None else cfg.eps / 4
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, desc: str, progress: bool):
     starts = range(0, len(x), batch_size)
     for i in tqdm(starts, desc=desc, leave=False, disable=not progress or len(starts) < 2):
-        yield x[i:i + batch_size], y[i:i + batch_size]
+        yield i, x[i:i + batch_size], y[i:i + batch_size]
 
 
 @torch.no_grad()
@@ -30,8 +74,8 @@ def clean_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
     if len(x) == 0:
         raise ValueError("no samples to evaluate")
     flags = []
-    with eval_mode(model):
-        for xb, yb in _batches(x, y, batch_size, "clean", progress):
+    with eval_mode(model), fp32_eval(model):
+        for _, xb, yb in _batches(x, y, batch_size, "clean", progress):
             flags.append((model(xb.to(device)).argmax(1) == yb.to(device)).cpu())
     return torch.cat(flags)
 
@@ -41,21 +85,62 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return clean_flags(model, x, y, batch_size, device, progress).float().mean().item()
 
 
-def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
-                 steps: int, batch_size: int = 256, random_start: bool = False, device="cpu",
-                 progress: bool = False) -> float:
-    correct = 0
-    with eval_mode(model):
-        for xb, yb in _batches(x, y, batch_size, f"PGD-{steps}", progress):
+def restart_seed(seed: int, first_index: int, restart: int) -> int:
+    """The seed of one PGD restart's random start on the batch that begins at sample ``first_index``: a
+    function of (seed, sample index, restart) alone, so any batching of the same samples into processes
+    or shards draws the same starts for the same batch."""
+    return (seed * 1_000_003 + first_index) * 101 + restart
+
+
+def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
+              restarts: int = 1, batch_size: int = 256, device="cpu", seed: int = 0, progress: bool = False,
+              clean: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample: right clean and at every point PGD-``steps`` visited, in every restart (the first from the
+    clean input, the others from random starts in the eps-ball). ``clean``: the clean flags, if known."""
+    if clean is None:
+        clean = clean_flags(model, x, y, batch_size, device)
+    robust = clean.clone()
+    with eval_mode(model), fp32_eval(model):
+        for i, xb, yb in _batches(x, y, batch_size, f"PGD-{steps}" + (f" x{restarts}" if restarts > 1 else ""),
+                                  progress):
             xb, yb = xb.to(device), yb.to(device)
-            x_adv = pgd_linf(model, xb, yb, eps=eps, step_size=step_size, steps=steps, random_start=random_start)
-            with torch.no_grad():
-                correct += (model(x_adv).argmax(1) == yb).sum().item()
-    return correct / len(x)
+            for r in range(restarts):
+                gen = torch.Generator().manual_seed(restart_seed(seed, i, r))
+                _, ok = pgd_linf_robust(model, xb, yb, eps=eps, step_size=step_size, steps=steps,
+                                        random_start=r > 0, generator=gen)
+                robust[i:i + len(xb)] &= ok.cpu()
+    return robust
+
+
+def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
+                 steps: int, batch_size: int = 256, restarts: int = 1, device="cpu", seed: int = 0,
+                 progress: bool = False) -> float:
+    return pgd_flags(model, x, y, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
+                     batch_size=batch_size, device=device, seed=seed, progress=progress).float().mean().item()
 
 
 AUTOATTACK_STATE = "autoattack_state.json"  # in a trial's out dir: a killed evaluation resumes from it
-log = logging.getLogger(__name__)
+
+
+def make_autoattack(model: nn.Module, *, eps: float, version: str, device, seed: int, n_classes: int | None = None):
+    """The official AutoAttack for ``version``: standard, plus, rand, or apgd-ce (standard AutoAttack's first
+    stage alone: APGD-CE, 100 iterations, 1 restart; pyautoattack's ``custom`` version would run it with 5).
+    With ``n_classes`` below 10, the targeted attacks target the ``n_classes - 1`` other classes."""
+    from pyautoattack import AutoAttack
+
+    aa_log = logging.getLogger("auto-attack")
+    if aa_log.level == logging.NOTSET:  # quiet unless the caller configured AutoAttack's log
+        aa_log.setLevel(logging.WARNING)
+    if version == "apgd-ce":
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=["apgd-ce"], device=device,
+                               seed=seed)
+        adversary.apgd.n_restarts = 1  # as in standard AutoAttack
+    else:
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, device=device, seed=seed)
+    if n_classes is not None:
+        adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, n_classes - 1)
+        adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, n_classes - 1)
+    return adversary
 
 
 def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str,
@@ -72,14 +157,15 @@ def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
 def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str,
                      batch_size: int = 256, device="cpu", seed: int = 0, state_path: str | Path | None = None,
                      clean: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """Per sample: robust under AutoAttack ``version`` (a bool per sample, on the CPU).
+    """Per sample: robust under AutoAttack ``version`` (a bool per sample, on the CPU; False where the clean
+    prediction is wrong).
 
     ``clean`` (the per-sample clean flags, when the caller has them) saves AutoAttack's own clean pass.
     With ``state_path`` the evaluation resumes: after every batch the robust flags and the attacks and
-    batches done are written there (atomically), and a later call with the same model, data and
-    settings skips what is done. A batch is what AutoAttack itself batches (``batch_size`` of the points
-    still robust, in order, per attack), and each attack re-seeds per batch, so a resumed evaluation gives
-    the flags an uninterrupted one gives.
+    batches done are written there (atomically), and a later call with the same model, data, settings,
+    device and package versions skips what is done. A batch is what AutoAttack itself batches
+    (``batch_size`` of the points still robust, in order, per attack), and each attack re-seeds per batch,
+    so a resumed evaluation gives the flags an uninterrupted one gives.
 
     Why not pyautoattack's own ``run_standard_evaluation(state_path=...)``: in pyautoattack 0.2.0 (the
     newest) its restore cannot work: the attack set is written as a str and compared with a set (restore
@@ -88,32 +174,27 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     are not atomic either. So each batch of each attack goes through ``run_standard_evaluation`` (the
     authors' attack settings per version, their checks) and the bookkeeping is here.
     """
-    from pyautoattack import AutoAttack
-
-    aa_log = logging.getLogger("auto-attack")
-    if aa_log.level == logging.NOTSET:  # quiet unless the caller configured AutoAttack's log
-        aa_log.setLevel(logging.WARNING)
-    if version == "apgd-ce":  # the cheap single-attack version, for smoke runs
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=["apgd-ce"],
-                               device=device, seed=seed)
-    else:
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, device=device, seed=seed)
-    attacks = list(adversary.attacks_to_run)
-    path = Path(state_path) if state_path is not None else None
-    fingerprint = _fingerprint(model, x, y, eps=eps, version=version, batch_size=batch_size, seed=seed)
-    state = _load_state(path, fingerprint)
-    if state is None:
-        if clean is None:
-            clean = clean_flags(model, x, y, batch_size, device)
-        state = {"fingerprint": fingerprint, "attacks": attacks, "done": [], "robust": clean.tolist(),
-                 "attack": None, "pending": []}
-        _save_state(state, path)
-    else:
-        left = f", {state['attack']} has {len(state['pending'])} samples left" if state["attack"] else ""
-        print(f"AutoAttack resumes from {path}: {', '.join(state['done']) or 'no attack'} done{left}, "
-              f"{sum(state['robust'])} of {len(x)} samples still robust")
-    robust = torch.tensor(state["robust"], dtype=torch.bool)
-    with eval_mode(model):
+    with eval_mode(model), fp32_eval(model):
+        n_classes = None
+        with torch.no_grad():
+            n_classes = int(model(x[:1].to(device)).shape[1])
+        adversary = make_autoattack(model, eps=eps, version=version, device=device, seed=seed, n_classes=n_classes)
+        attacks = list(adversary.attacks_to_run)
+        path = Path(state_path) if state_path is not None else None
+        fingerprint = _fingerprint(model, x, y, eps=eps, version=version, batch_size=batch_size, seed=seed,
+                                   device=device)
+        state = _load_state(path, fingerprint)
+        if state is None:
+            if clean is None:
+                clean = clean_flags(model, x, y, batch_size, device)
+            state = {"fingerprint": fingerprint, "attacks": attacks, "done": [], "robust": clean.tolist(),
+                     "attack": None, "pending": []}
+            _save_state(state, path)
+        else:
+            left = f", {state['attack']} has {len(state['pending'])} samples left" if state["attack"] else ""
+            print(f"AutoAttack resumes from {path}: {', '.join(state['done']) or 'no attack'} done{left}, "
+                  f"{sum(state['robust'])} of {len(x)} samples still robust")
+        robust = torch.tensor(state["robust"], dtype=torch.bool)
         for attack in attacks:
             if attack in state["done"]:
                 continue
@@ -140,8 +221,21 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     return robust
 
 
-def _fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **settings) -> str:
-    """What a saved AutoAttack state is valid for: the weights, the samples and the attack settings."""
+def _package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    try:
+        out["pyautoattack"] = md.version("pyautoattack")
+    except md.PackageNotFoundError:
+        out["pyautoattack"] = "absent"
+    return out
+
+
+def _fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device="cpu", **settings) -> str:
+    """What a saved AutoAttack state is valid for: the weights, the samples, the attack settings, the device
+    and the torch and pyautoattack versions (another kernel or attack implementation gives other flags)."""
+    settings = {**settings, "device": str(torch.device(device)), "packages": _package_versions()}
     h = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16)
     for t in (*model.state_dict().values(), x, y):
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -153,7 +247,8 @@ def _load_state(path: Path | None, fingerprint: str) -> dict | None:
         return None
     state = json.loads(path.read_text())
     if state.get("fingerprint") != fingerprint:
-        log.warning("AutoAttack state %s belongs to another model, data or settings: starting over", path)
+        log.warning("AutoAttack state %s belongs to another model, data, settings or environment: starting over",
+                    path)
         return None
     return state
 
@@ -164,24 +259,53 @@ def _save_state(state: dict, path: Path | None) -> None:
     atomic_write_json(path, state, indent=None)  # a kill mid-write leaves the previous state, never half a file
 
 
-def robust_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, device="cpu",
-                   progress: bool = True, state_dir: str | Path | None = None) -> dict:
-    """The ``metrics`` block of result.json. A metric that was not computed is absent.
+def attack_name(kind: str, cfg, autoattack: str | None = None) -> str:
+    """A headline attack's name as the leaderboard shows it: "AutoAttack standard", "PGD-20"."""
+    return f"AutoAttack {autoattack}" if kind == "autoattack" else f"PGD-{cfg.eval_pgd_steps}"
 
-    One clean pass serves the clean accuracy and AutoAttack's start; with ``state_dir`` a killed
-    AutoAttack evaluation resumes from ``state_dir/autoattack_state.json``."""
-    clean = clean_flags(model, x, y, cfg.eval_batch_size, device, progress)
-    metrics = {"clean_acc": clean.float().mean().item(), "eps": cfg.eps, "n_eval": len(x)}
+
+def evaluate_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, device="cpu", progress: bool = True,
+                   state_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample flags of every evaluation that ``cfg`` asks for, in order: ``clean``, then ``pgd``
+    (``eval_pgd_steps`` > 0) and ``autoattack`` (``autoattack_version`` not off); every attack's flags
+    imply the clean ones. With ``state_dir`` a killed AutoAttack evaluation resumes from
+    ``state_dir/autoattack_state.json``."""
+    flags = {"clean": clean_flags(model, x, y, cfg.eval_batch_size, device, progress)}
     if cfg.eval_pgd_steps > 0:
-        metrics["pgd_acc"] = pgd_accuracy(model, x, y, eps=cfg.eps, step_size=cfg.eval_step_size,
-                                          steps=cfg.eval_pgd_steps, batch_size=cfg.eval_batch_size,
-                                          device=device, progress=progress)
-        metrics["pgd_steps"] = cfg.eval_pgd_steps
+        flags["pgd"] = pgd_flags(model, x, y, eps=cfg.eps, step_size=pgd_step(cfg), steps=cfg.eval_pgd_steps,
+                                 restarts=cfg.eval_pgd_restarts, batch_size=cfg.eval_batch_size, device=device,
+                                 seed=cfg.seed, progress=progress, clean=flags["clean"])
     if cfg.autoattack_version != "off":
         state_path = Path(state_dir) / AUTOATTACK_STATE if state_dir is not None else None
-        robust = autoattack_flags(model, x, y, eps=cfg.eps, version=cfg.autoattack_version,
-                                  batch_size=cfg.eval_batch_size, device=device, seed=cfg.seed, clean=clean,
-                                  progress=progress, state_path=state_path)
-        metrics["autoattack_acc"] = robust.float().mean().item()
-        metrics["autoattack_version"] = cfg.autoattack_version
+        flags["autoattack"] = autoattack_flags(model, x, y, eps=cfg.eps, version=cfg.autoattack_version,
+                                               batch_size=cfg.eval_batch_size, device=device, seed=cfg.seed,
+                                               clean=flags["clean"], progress=progress, state_path=state_path)
+    return flags
+
+
+def metrics_from_flags(flags: dict[str, torch.Tensor], cfg) -> dict:
+    """The ``metrics`` block of result.json from per-sample flags. A metric that was not computed is absent.
+    ``robust_acc``: right clean and under every attack that ran, per sample; ``robust_attack`` names the
+    strongest of them (AutoAttack when it ran)."""
+    clean = flags["clean"]
+    metrics = {"clean_acc": clean.float().mean().item(), "eps": cfg.eps, "n_eval": len(clean)}
+    robust, headline = clean.clone(), None
+    if "pgd" in flags:
+        metrics.update(pgd_acc=(flags["pgd"] & clean).float().mean().item(), pgd_steps=cfg.eval_pgd_steps,
+                       pgd_step_size=pgd_step(cfg), pgd_restarts=cfg.eval_pgd_restarts)
+        robust &= flags["pgd"]
+        headline = attack_name("pgd", cfg)
+    if "autoattack" in flags:
+        metrics.update(autoattack_acc=(flags["autoattack"] & clean).float().mean().item(),
+                       autoattack_version=cfg.autoattack_version)
+        robust &= flags["autoattack"]
+        headline = attack_name("autoattack", cfg, cfg.autoattack_version)
+    if headline is not None:
+        metrics.update(robust_acc=robust.float().mean().item(), robust_attack=headline)
     return metrics
+
+
+def robust_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, device="cpu",
+                   progress: bool = True, state_dir: str | Path | None = None) -> dict:
+    """The ``metrics`` block of result.json (see :func:`evaluate_flags` and :func:`metrics_from_flags`)."""
+    return metrics_from_flags(evaluate_flags(model, x, y, cfg, device, progress, state_dir), cfg)

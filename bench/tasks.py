@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-from bench.evaluate import clean_accuracy, pgd_accuracy, robust_metrics
+from bench.evaluate import clean_flags, pgd_flags, pgd_step, robust_metrics
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
 from data_shards.reader import load_split, make_loader
@@ -106,11 +106,12 @@ class SupervisedTask:
         cfg = self.cfg
         model = method.eval_model()
         x, y = self.val
-        val = {"val_clean_acc": clean_accuracy(model, x, y, cfg.eval_batch_size, self.device)}
+        clean = clean_flags(model, x, y, cfg.eval_batch_size, self.device)
+        val = {"val_clean_acc": clean.float().mean().item()}
         if cfg.val_pgd_steps > 0:
-            val["val_pgd_acc"] = pgd_accuracy(model, x, y, eps=cfg.eps, step_size=cfg.eval_step_size,
-                                              steps=cfg.val_pgd_steps, batch_size=cfg.eval_batch_size,
-                                              device=self.device)
+            val["val_pgd_acc"] = pgd_flags(model, x, y, eps=cfg.eps, step_size=pgd_step(cfg), steps=cfg.val_pgd_steps,
+                                           batch_size=cfg.eval_batch_size, device=self.device, seed=cfg.seed,
+                                           clean=clean).float().mean().item()
         return val
 
     def validate_targets(self, method: Method) -> dict[str, float]:

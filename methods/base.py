@@ -75,12 +75,13 @@ class BaseConfig:
     n_val: int | None = None  # validation samples used for model selection; None: all
     train_attack_steps: int = 10
     eval_pgd_steps: int = 20
+    eval_pgd_restarts: int = 1  # the test PGD's runs per sample: the first from the clean input, then random starts
     val_pgd_steps: int = 10
     autoattack_version: str = "standard"
     # threat model (pixel scale, inputs in [0, 1])
     eps: float = 8 / 255
     train_step_size: float = 2 / 255
-    eval_step_size: float = 2 / 255
+    eval_step_size: float | None = None  # the test and validation PGD's step; None: eps/4 (2/255 at 8/255)
     # optimisation
     batch_size: int = 128
     eval_batch_size: int = setting(256, role="speed", doc="batch size of evaluation and validation")
@@ -110,7 +111,7 @@ class BaseConfig:
         if not 0.0 <= self.eps <= 1.0:
             raise ValueError(f"eps={self.eps} is outside [0, 1]; eps is in pixel scale, e.g. eps=8/255")
         for name in ("train_step_size", "eval_step_size", "lr"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("epochs", "batch_size", "eval_batch_size", "train_attack_steps", "eval_pgd_steps",
                      "val_pgd_steps", "num_workers"):
@@ -120,6 +121,9 @@ class BaseConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name}={v} must be positive or null (all)")
+        if self.eval_pgd_restarts < 1:
+            raise ValueError(f"eval_pgd_restarts={self.eval_pgd_restarts} must be >= 1 (the first run starts at the "
+                             f"clean input; eval_pgd_steps=0 turns PGD off)")
         if self.autoattack_version not in AUTOATTACK_VERSIONS:
             raise ValueError(f"autoattack_version={self.autoattack_version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
         if self.transform not in TRANSFORMS:

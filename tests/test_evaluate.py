@@ -91,9 +91,17 @@ def test_finished_state_is_reused_and_foreign_state_is_not(tmp_path):
     path.write_text(json.dumps({"fingerprint": _fingerprint(model, x, y, **settings), "attacks": [],
                                 "done": ["apgd-ce", "apgd-dlr"], "robust": stored, "attack": None, "pending": []}))
     assert autoattack_flags(model, x, y, state_path=path, device="cpu", **settings).tolist() == stored
-    # a state is only valid for its weights, samples and settings: a changed weight or eps starts over
+    # a state is only valid for its weights, samples, settings, device and packages: any change starts over
     fingerprint = json.loads(path.read_text())["fingerprint"]
     assert _fingerprint(model, x, y, **{**settings, "eps": 4 / 255}) != fingerprint
+    assert _fingerprint(model, x, y, device="cuda:0", **settings) != fingerprint
+    import bench.evaluate as ev
+    real = ev._package_versions
+    try:
+        ev._package_versions = lambda: {**real(), "pyautoattack": "0.0.1"}
+        assert _fingerprint(model, x, y, **settings) != fingerprint
+    finally:
+        ev._package_versions = real
     with torch.no_grad():
         model.encoder.conv1.weight[0, 0, 0, 0] += 1.0
     assert _fingerprint(model, x, y, **settings) != fingerprint

@@ -58,7 +58,7 @@ def test_ranking_and_seed_aggregation(board):
     assert [r["rank"] for r in rows if r["dataset"] == "digits"] == [1, 2, 3, 4]
     al = _row(rows, "digits", "autolora")
     assert al["n"] == 3 and al["seeds"] == "0,1,2"
-    assert al["robust_metric"] == "AutoAttack"
+    assert al["robust_metric"] == "AutoAttack standard"
     assert al["clean_acc"] == pytest.approx(np.mean([0.88, 0.89, 0.90]))
     assert al["clean_acc_std"] == pytest.approx(np.std([0.88, 0.89, 0.90], ddof=1))
     assert al["robust_acc"] == pytest.approx(0.51) and al["autoattack_acc"] == pytest.approx(0.51)
@@ -68,7 +68,7 @@ def test_ranking_and_seed_aggregation(board):
     assert amt["n"] == 1 and amt["clean_acc_std"] is None
     # PGD is the robust metric where AutoAttack is absent; AA stays absent, never 0
     c = _row(rows, "cifar10", "amt")
-    assert c["robust_metric"] == "PGD" and c["autoattack_acc"] is None and c["rank"] == 1
+    assert c["robust_metric"] == "PGD-10" and c["autoattack_acc"] is None and c["rank"] == 1
     # few-shot rows use the episodic accuracies
     fs = _row(rows, "cub", "autolora")
     assert fs["kind"] == "fewshot" and fs["robust_acc"] == pytest.approx(0.355)
@@ -300,12 +300,13 @@ def test_rows_are_ranked_within_comparison_groups(tmp_path):
     groups = {g: [(r["method"], r["rank"]) for r in rows if r["group"] == g] for g in dict.fromkeys(
         r["group"] for r in rows)}
     assert groups == {
-        "cars · 5-way 1-shot · Linf eps 1/255": [("pmf", 1)],
-        "cub · 5-way 1-shot · Linf eps 1/255": [("amt", 1), ("pmf", 2)],
-        "digits · 5-way 1-shot · Linf eps 1/255": [("amt", 1), ("pmf", 2)],
-        "digits · 5-way 5-shot · Linf eps 1/255": [("amt", 1)],
-        "digits · supervised · Linf eps 1/255": [("autolora", 1), ("rft", 2)],
-        "digits · supervised · Linf eps 8/255": [("rft", 1)],
+        # the group's title names the headline attack: rows measured by different attacks are never ranked together
+        "cars · 5-way 1-shot · Linf eps 1/255 · PGD": [("pmf", 1)],
+        "cub · 5-way 1-shot · Linf eps 1/255 · PGD": [("amt", 1), ("pmf", 2)],
+        "digits · 5-way 1-shot · Linf eps 1/255 · PGD": [("amt", 1), ("pmf", 2)],
+        "digits · 5-way 5-shot · Linf eps 1/255 · PGD": [("amt", 1)],
+        "digits · supervised · Linf eps 1/255 · PGD-5": [("autolora", 1), ("rft", 2)],
+        "digits · supervised · Linf eps 8/255 · PGD-5": [("rft", 1)],
     }
     cub_amt = next(r for r in rows if r["dataset"] == "cub" and r["method"] == "amt")
     assert cub_amt["source_dataset"] == "digits" and cub_amt["robust_acc"] == pytest.approx(0.2)
@@ -348,3 +349,19 @@ def test_skip_rules(tmp_path, folder, markers, skipped):
     records, problems = load_results(res)
     assert (len(records) == 0) is skipped
     assert not [p for p, _ in problems if "member_0" in p or "trial_a" in p]  # a skipped file is no problem
+
+
+def test_headline_is_robust_acc_and_groups_split_by_attack(tmp_path):
+    res = tmp_path / "results"
+    _result(res, "rft_pgd", "rft", clean=0.8, robust=0.30)
+    _result(res, "rft_aa", "rft", seed=1, clean=0.8, robust=0.30)
+    rec = json.loads((res / "rft_aa" / "result.json").read_text())
+    rec["metrics"].update(autoattack_acc=0.25, autoattack_version="apgd-ce", robust_acc=0.2,
+                          robust_attack="AutoAttack apgd-ce")
+    (res / "rft_aa" / "result.json").write_text(json.dumps(rec))
+    rows = lb.build_leaderboard(res, tmp_path / "board", console=False)
+    by_group = {r["group"]: r for r in rows}
+    assert set(by_group) == {"digits · supervised · Linf eps 1/255 · PGD-5",
+                             "digits · supervised · Linf eps 1/255 · AutoAttack apgd-ce"}
+    aa = by_group["digits · supervised · Linf eps 1/255 · AutoAttack apgd-ce"]
+    assert aa["robust_acc"] == pytest.approx(0.2) and aa["robust_metric"] == "AutoAttack apgd-ce"

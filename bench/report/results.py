@@ -173,10 +173,13 @@ def record_eps(rec: dict) -> float | None:
 
 
 def record_threat(rec: dict) -> str:
-    """The threat model of the robust numbers: norm and eps (every attack in the suite is L-inf)."""
+    """The threat model of the robust numbers and the attack that measured them: norm, eps and the row's
+    headline attack ("Linf eps 8/255 · AutoAttack standard"), so a group never ranks AutoAttack against PGD."""
     eps = record_eps(rec)
     norm = str(get(rec, "config", "norm") or "Linf")
-    return f"{norm} eps {fmt_eps(eps) if eps is not None else '?'}"
+    threat = f"{norm} eps {fmt_eps(eps) if eps is not None else '?'}"
+    attack = record_attack(rec)
+    return f"{threat} · {attack}" if attack else threat
 
 
 def comparison_group(rec: dict) -> tuple[str, str, str]:
@@ -188,12 +191,43 @@ def group_label(group: tuple[str, str, str]) -> str:
     return " · ".join(group)
 
 
+def _robust_block(rec: dict) -> str:
+    return "fewshot" if record_kind(rec) == "fewshot" else "metrics"
+
+
 def record_robust(rec: dict) -> float | None:
-    """One trial's headline robust accuracy: few-shot adversarial, else AutoAttack, else PGD."""
-    if record_kind(rec) == "fewshot":
+    """One trial's headline robust accuracy: ``robust_acc`` (per sample, right clean and under every attack
+    that ran); for a result.json written before it existed, AutoAttack's, else PGD's (few-shot: PGD's)."""
+    block = _robust_block(rec)
+    robust = num(get(rec, block, "robust_acc"))
+    if robust is not None:
+        return robust
+    if block == "fewshot":
         return num(get(rec, "fewshot", "adv_acc"))
     aa = num(get(rec, "metrics", "autoattack_acc"))
     return aa if aa is not None else num(get(rec, "metrics", "pgd_acc"))
+
+
+def record_robust_ci95(rec: dict) -> float | None:
+    """A few-shot row's 95% interval of its headline robust accuracy (None for supervised rows)."""
+    if _robust_block(rec) != "fewshot":
+        return None
+    ci = num(get(rec, "fewshot", "robust_ci95"))
+    return ci if ci is not None else num(get(rec, "fewshot", "adv_ci95"))
+
+
+def record_attack(rec: dict) -> str | None:
+    """The name of the attack behind a row's headline robust accuracy ("AutoAttack standard", "PGD-20")."""
+    block = _robust_block(rec)
+    name = get(rec, block, "robust_attack")
+    if isinstance(name, str) and name:
+        return name
+    if block == "metrics" and num(get(rec, "metrics", "autoattack_acc")) is not None:
+        return f"AutoAttack {get(rec, 'metrics', 'autoattack_version')}"
+    steps = get(rec, block, "pgd_steps")
+    if num(get(rec, block, "pgd_acc" if block == "metrics" else "adv_acc")) is not None:
+        return f"PGD-{steps}" if steps is not None else "PGD"
+    return None
 
 
 def swept_settings(records: list[dict]) -> list[str]:

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from bench.config import config_hash
-from bench.report.results import (expand_targets, get, group_label, num, record_kind, record_task, record_threat,
-                                  selected_settings)
+from bench.report.results import (expand_targets, get, group_label, num, record_attack, record_kind, record_robust,
+                                  record_robust_ci95, record_task, record_threat, selected_settings)
 
 BASELINES = {"supervised": "rft", "fewshot": "pmf"}
 ALPHA = 0.05
@@ -46,6 +46,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "group_hash": config_hash(cfg), "source_dataset": str(rec.get("source_dataset") or "")}
         row.update({col: num(get(rec, *where)) for col, where in {**MEAN_STD, **MEAN_ONLY}.items()})
         row.update({col: get(rec, *where) for col, where in COMMON.items()})
+        row["robust_acc"], row["robust_metric"] = record_robust(rec), record_attack(rec) or ""
+        row["fs_robust_ci95"] = record_robust_ci95(rec)
         row["selected"] = selected_settings(rec)
         row["seed"] = rec.get("seed") if rec.get("seed") is not None else cfg.get("seed")
         row["trial_config_hash"] = rec.get("config_hash")
@@ -53,7 +55,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         row["path"] = rec["_path"]
         rows.append(row)
     frame = pd.DataFrame(rows, dtype=object)
-    numbers = [*MEAN_STD, *MEAN_ONLY]
+    numbers = [*MEAN_STD, *MEAN_ONLY, "robust_acc", "fs_robust_ci95"]
     if not frame.empty:
         frame[numbers] = frame[numbers].astype(float)
     return frame
@@ -70,21 +72,6 @@ def _common(values: pd.Series) -> Any:
     return "/".join(str(json.loads(u)) for u in uniq)
 
 
-def _with_robust(frame: pd.DataFrame) -> pd.DataFrame:
-    """Each trial's headline robust accuracy, chosen per row: few-shot adversarial for few-shot rows, else
-    AutoAttack when every seed of the row has it, else PGD."""
-    by_row = frame.groupby(ROW_KEY, sort=False, dropna=False)
-    aa_complete = by_row["autoattack_acc"].transform("count") == by_row["autoattack_acc"].transform("size")
-    any_pgd = by_row["pgd_acc"].transform("count") > 0
-    fewshot = frame["kind"] == "fewshot"
-    choice = [fewshot, ~fewshot & aa_complete, ~fewshot & ~aa_complete & any_pgd]
-    frame = frame.copy()
-    frame["robust_metric"] = np.select(choice, ["few-shot adv", "AutoAttack", "PGD"], "")
-    frame["robust_acc"] = np.select(choice, [frame["fs_adv_acc"], frame["autoattack_acc"], frame["pgd_acc"]],
-                                    np.nan)
-    return frame
-
-
 def _plain(v: Any) -> Any:
     """NaN -> None, numpy scalars -> Python numbers (rows go to JSON, W&B and csv)."""
     if isinstance(v, np.generic):
@@ -99,11 +86,10 @@ def group_records(records: list[dict]) -> list[dict]:
     frame = records_frame(records)
     if frame.empty:
         return []
-    frame = _with_robust(frame)
     spec: dict[str, tuple] = {}
     for col in [*MEAN_STD, "robust_acc"]:
         spec[col], spec[col + "_std"] = (col, "mean"), (col, "std")  # std: ddof=1, NaN for one seed
-    spec.update({col: (col, "mean") for col in MEAN_ONLY})
+    spec.update({col: (col, "mean") for col in [*MEAN_ONLY, "fs_robust_ci95"]})
     spec.update(n=("path", "size"), paths=("path", list), _robust_samples=("robust_acc", lambda s: s.dropna().tolist()),
                 seeds=("seed", lambda s: ",".join(str(v) for v in s if v is not None)),
                 trial_config_hashes=("trial_config_hash", lambda s: ",".join(str(v or "") for v in s)),
