@@ -36,8 +36,10 @@ def test_run_rft_writes_complete_result(shards_root, tmp_path):
                 "versions"):
         assert key in r, key
     m = r["metrics"]
-    assert set(m) == {"clean_acc", "pgd_acc", "pgd_steps", "eps", "autoattack_acc", "autoattack_version", "n_eval"}
-    assert 0 <= m["autoattack_acc"] <= m["clean_acc"] <= 1 and m["n_eval"] == 32 and m["pgd_steps"] == 3
+    assert set(m) == {"clean_acc", "pgd_acc", "pgd_steps", "pgd_step_size", "pgd_restarts", "eps", "autoattack_acc",
+                      "autoattack_version", "robust_acc", "robust_attack", "n_eval"}
+    assert 0 <= m["robust_acc"] <= min(m["autoattack_acc"], m["pgd_acc"]) <= m["clean_acc"] <= 1
+    assert m["n_eval"] == 32 and m["pgd_steps"] == 3 and m["robust_attack"] == "AutoAttack apgd-ce"
     assert m["autoattack_version"] == "apgd-ce"
     assert set(r["cost"]) == {"wall_s", "train_s", "eval_s", "device", "images_per_s"}
     assert set(r["versions"]) == {"torch", "timm", "peft", "ray", "deepspeed", "bench"}
