@@ -239,7 +239,9 @@ class Trial:
         from bench.report.tracking import start_run
 
         cfg = self.cfg
-        return start_run(cfg.to_dict(), self.out_dir, run_id=self.run_id, name=self.run_id, group=self.group,
+        # the W&B run's config carries the provenance too (the sidecar files' sha256, not their text)
+        return start_run({**cfg.to_dict(), "provenance": self._provenance()}, self.out_dir, run_id=self.run_id,
+                         name=self.run_id, group=self.group,
                          tags=[cfg.method, cfg.dataset, cfg.backbone], job_type=cfg.method)
 
     # --- one epoch -------------------------------------------------------------------------------------
@@ -354,10 +356,20 @@ class Trial:
         result: dict[str, Any] = {
             "id": self.run_id, "method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
             "seed": cfg.seed, "config": cfg.to_dict(), "config_hash": self.hash, "versions": versions(),
+            "provenance": self._provenance(),
         }
         if self.sweep:
             result["sweep"] = self.sweep
         return result
+
+    def _provenance(self) -> dict[str, Any]:
+        """What this trial ran from (bench/provenance.py), taken once, when first asked (at the start of tracking,
+        else when result.json is written)."""
+        if getattr(self, "_provenance_block", None) is None:
+            from bench.provenance import capture
+
+            self._provenance_block = capture(self.cfg, self.out_dir, self.data_root)
+        return self._provenance_block
 
 
 def _pool_cost(cfg) -> dict[str, Any] | None:

@@ -196,6 +196,11 @@ def _trial_env() -> dict[str, str]:
     # DeepSpeed's compiled op, built once: beside the driver's code unless TORCH_EXTENSIONS_DIR says where
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
     env["BENCH_IN_SWEEP"] = "1"
+    # trials run Ray's copy of the packages (no .git, no lock): the driver's commit, changes and lock for their
+    # result.json provenance
+    from bench.provenance import driver_env
+
+    env.update(driver_env())
     return env
 
 
