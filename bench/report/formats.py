@@ -2,7 +2,9 @@
 and the frame of cell texts one comparison group's table is written from (markdown, console, HTML)."""
 from __future__ import annotations
 
+import shlex
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -39,6 +41,7 @@ COLUMNS = [
     ("p_value", "p", "num"),
     ("pareto", "Pareto", "str"),
     ("config_hash", "config hash", "str"),
+    ("commit", "commit", "str"),
 ]
 # Columns every table shows, even when empty in all its rows.
 _ALWAYS = ("rank", "dataset", "method", "clean_acc", "robust_acc", "n", "vs_baseline")
@@ -50,7 +53,26 @@ CSV_FIELDS = ["group", "rank", "dataset", "task", "threat", "source_dataset", "m
               "autoattack_acc_std", "autoattack_version", "n_eval", "fs_setting", "fs_clean_acc",
               "fs_clean_acc_std", "fs_clean_ci95", "fs_adv_acc", "fs_adv_acc_std", "fs_adv_ci95", "wall_s",
               "images_per_s", "device", "n", "seeds", "vs_baseline", "t_stat", "p_value", "pareto", "config_hash",
-              "trial_config_hashes", "sweep", "ids"]
+              "trial_config_hashes", "sweep", "ids", "commit"]
+
+
+def attach_provenance(rows: list[dict], records: list[dict]) -> None:
+    """Give each row the code it ran (``commit``: the short hash, ``+`` for uncommitted changes, seeds run
+    from several commits joined by "/"; absent for results written before provenance was recorded) and its
+    trials' folders (``run_dirs``, what ``bench reproduce`` takes)."""
+    from bench.provenance import short_commit
+
+    commits = {rec["_path"]: short_commit(rec.get("provenance")) for rec in records if "_path" in rec}
+    for row in rows:
+        paths = row.get("paths") or []
+        found = list(dict.fromkeys(c for c in (commits.get(p) for p in paths) if c))
+        row["commit"] = "/".join(found) or None
+        row["run_dirs"] = [str(Path(p).parent.resolve()) for p in paths]
+
+
+def reproduce_commands(row: dict) -> list[str]:
+    """The command that re-runs each of the row's trials (one per seed)."""
+    return [f"python -m bench reproduce {shlex.quote(d)}" for d in row.get("run_dirs") or []]
 
 
 def fmt_acc(mean: Any, std: Any, pct: bool = True) -> str:

@@ -33,6 +33,7 @@ def build_leaderboard(results_dir: Path, out_dir: Path | None = None, *, wandb_l
     ``problems`` / ``notes``, when given, collect the skipped files (path, reason) and W&B notes.
     """
     # imported here: every `bench` command imports this module for its parser, and pandas/matplotlib are slow
+    from bench.report.formats import attach_provenance
     from bench.report.page import write_html
     from bench.report.plots import plot_curves, plot_params, plot_pareto
     from bench.report.results import get, load_results
@@ -47,6 +48,7 @@ def build_leaderboard(results_dir: Path, out_dir: Path | None = None, *, wandb_l
     if problems is not None:
         problems.extend(probs)
     rows = finish_rows(group_records(records))
+    attach_provenance(rows, records)
     images: list[Path] = []
     for name, fn, arg in (("pareto.png", plot_pareto, rows), ("curves.png", plot_curves, records),
                           ("params.png", plot_params, records)):

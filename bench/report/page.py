@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from bench.files import atomic_write
-from bench.report.formats import cell, group_columns, row_groups
+from bench.report.formats import cell, group_columns, reproduce_commands, row_groups
 
 # Why the table is written by hand rather than by DataFrame.to_html / Styler: every cell carries its raw value
 # in data-sort (the sorter's key) and each row its method in data-method, which neither can attach per cell.
@@ -59,6 +59,7 @@ th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
 th{background:#f0f0f0;cursor:pointer;user-select:none}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 td.s{text-align:left} tr.pareto td:first-child{font-weight:bold}
+td details code{display:block;white-space:pre;font-size:11px}
 td.better{background:#d9f2d9} td.worse{background:#f7d6d6}
 img{max-width:100%;margin-top:1em}
 """
@@ -73,7 +74,11 @@ def _html_table(index: int, label: str, rows: list[dict]) -> list[str]:
     out.append("</tr></thead><tbody>")
     for r in rows:
         cls = " class='pareto'" if r.get("pareto") else ""
-        out.append(f"<tr{cls} data-method='{html.escape(str(r['method']))}'>")
+        # the row's tooltip: the command that re-runs each of its trials
+        commands = "\n".join(reproduce_commands(r))
+        tip = f" title='{html.escape(commands, quote=True)}' data-reproduce='{html.escape(commands, quote=True)}'" \
+            if commands else ""
+        out.append(f"<tr{cls} data-method='{html.escape(str(r['method']))}'{tip}>")
         for k, _, kd in cols:
             v = r.get(k)
             sort = "" if v is None else (repr(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -84,7 +89,10 @@ def _html_table(index: int, label: str, rows: list[dict]) -> list[str]:
             if k == "vs_baseline" and v in ("better", "worse"):
                 tdcls.append(v)
             c = f" class='{' '.join(tdcls)}'" if tdcls else ""
-            out.append(f"<td{c} data-sort='{html.escape(sort, quote=True)}'>{html.escape(cell(r, k, kd))}</td>")
+            text = html.escape(cell(r, k, kd))
+            if k == "commit" and commands:  # the commit opens onto the commands, to copy
+                text = f"<details><summary>{text}</summary><code>{html.escape(commands)}</code></details>"
+            out.append(f"<td{c} data-sort='{html.escape(sort, quote=True)}'>{text}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
     return out
@@ -97,7 +105,8 @@ def write_html(rows: list[dict], path: Path, problems: list[tuple[str, str]], im
            "<p>One table per comparison group (data set · task · threat model and eps): rows are ranked and "
            "compared only within their group. Accuracies in %, mean ± sample std over seeds. Click a column "
            "header to sort (again to reverse). vs baseline: Welch's t-test within the group, p &lt; 0.05, "
-           "both n ≥ 2.</p>"]
+           "both n ≥ 2. commit: the code a row ran (+: with uncommitted changes); hover a row, or open its "
+           "commit, for the <code>bench reproduce</code> command of each of its trials.</p>"]
     for gi, (label, group_rows) in enumerate(row_groups(rows)):
         out += _html_table(gi, label, group_rows)
     for img in images:
