@@ -35,6 +35,8 @@ ENVIRONMENT_FILE = "environment.txt"
 TORCH_CONFIG_FILE = "torch_config.txt"
 GIT_TIMEOUT_S = 5
 MAX_ENV_DIFF = 64 * 1024  # a larger diff does not travel to Ray trials in an environment variable
+MAX_UNTRACKED = 200  # untracked files named in result.json (all of them count in diff_sha256)
+MAX_HASHED_UNTRACKED = 16 << 20
 
 # the fields every provenance block has (tests check them; bench reproduce reads them)
 FIELDS = ("commit", "dirty", "diff_sha256", "diff_file", "untracked", "code_root", "code_from", "lock_sha256",
@@ -95,10 +97,22 @@ def code_facts(root: Path | None = None) -> dict[str, Any]:
         return facts
     h = hashlib.sha256(diff)
     for name in sorted(untracked):
-        h.update(f"\0untracked {name} {_safe(sha256_file, root / name)}".encode())
+        h.update(f"\0untracked {name} {_untracked_digest(root / name)}".encode())
     facts.update(dirty=bool(diff or untracked), diff_sha256=h.hexdigest() if (diff or untracked) else None,
-                 diff=diff.decode(errors="replace") if diff else None, untracked=sorted(untracked), code_from="git")
+                 diff=diff.decode(errors="replace") if diff else None, untracked=sorted(untracked)[:MAX_UNTRACKED],
+                 code_from="git")
     return facts
+
+
+def _untracked_digest(path: Path) -> str:
+    """An untracked file's sha256; a large one (data left in the tree) by size and mtime, to stay under 1 s."""
+    try:
+        st = path.stat()
+        if st.st_size > MAX_HASHED_UNTRACKED:
+            return f"size {st.st_size} mtime {st.st_mtime_ns}"
+        return sha256_file(path)
+    except OSError:
+        return UNKNOWN
 
 
 def driver_env() -> dict[str, str]:

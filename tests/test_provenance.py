@@ -173,6 +173,27 @@ def test_sweep_trials_take_the_drivers_code_facts(monkeypatch, tmp_path, shards_
     assert prov["argv"] == sys.argv and prov["cwd"] == os.getcwd()  # the driver's command, not Ray's worker's
 
 
+def test_code_facts_of_a_repository_clean_changed_and_with_untracked_files(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "requirements.lock").write_text("torch==2.14.1\n")
+    git("add", "a.py", "requirements.lock")
+    git("commit", "-q", "-m", "one")
+    clean = P.code_facts(tmp_path)
+    assert clean["commit"] != "unknown" and clean["dirty"] is False and clean["diff_sha256"] is None
+    assert clean["lock_sha256"] == sha(tmp_path / "requirements.lock") and P.short_commit(clean) == clean["commit"][:7]
+    (tmp_path / "a.py").write_text("x = 2\n")
+    changed = P.code_facts(tmp_path)
+    assert changed["dirty"] is True and "+x = 2" in changed["diff"] and P.short_commit(changed).endswith("+")
+    (tmp_path / "b.py").write_text("y = 1\n")
+    untracked = P.code_facts(tmp_path)
+    assert untracked["untracked"] == ["b.py"] and untracked["diff_sha256"] != changed["diff_sha256"]
+
+
 def test_weights_are_hashed_where_they_come_from(tmp_path):
     from bench.backbones import _AA_WEIGHTS
 
