@@ -51,6 +51,7 @@ PYRAMID_PROJECTIONS = ("reference", "projected")
 
 @dataclass
 class AMTConfig(ProtoNetLoRAConfig):
+    TRAINS_ON_ATTACKS = True  # adversarial queries: pyramid_attack with 0 steps would leave them clean
     # recipe: "paper" (the paper's text: 30 epochs, lr 5e-4, 2 attack steps of eps/10) or "code" (the released
     # code's defaults: 100 epochs, lr 5e-5, 10 attack steps of 2/255); the four fields below left None take it.
     recipe: str = "paper"

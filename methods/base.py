@@ -35,6 +35,8 @@ TRANSFORMS = ("auto", "cifar", "imagenet224", "amt128", "none")
 # speed: changes how fast a run goes, never a number (workers, batch size of evaluation, memory layout, compile);
 # pool: shapes only the assembly, merging and test evaluation of a pool (AMT), never one member's training.
 ROLES = ("result", "seed", "speed", "pool")
+# The largest eps (pixel scale) accepted without allow_large_eps: the papers' budgets go up to 16/255.
+MAX_EPS = 16 / 255
 # In a string override of Method.prerequisite_runs: the folder the run writes to (e.g. where it saves an adapter).
 RUN_DIR = "{run_dir}"
 
@@ -105,25 +107,46 @@ class BaseConfig:
     num_workers: int = setting(0, role="speed", doc="data loader worker processes")
     shuffle_buffer: int = 2000
     pretrained: bool = False  # timm backbones: load hub/cached weights
+    # eps (and the step sizes) above MAX_EPS are refused unless this is true: eps=1 is more often 1/255 mistyped
+    # than an attack over the whole pixel range. Never changes a number (eps itself is in the hash).
+    allow_large_eps: bool = setting(False, role="speed", doc="permit eps or step sizes above 16/255")
+
+    # Does the method train on its attack's examples (then train_attack_steps=0 is refused)? False: clean methods.
+    TRAINS_ON_ATTACKS: ClassVar[bool] = True
 
     def validate(self) -> None:
-        """Raise ValueError with one line naming the bad field."""
-        if not 0.0 <= self.eps <= 1.0:
-            raise ValueError(f"eps={self.eps} is outside [0, 1]; eps is in pixel scale, e.g. eps=8/255")
-        for name in ("train_step_size", "eval_step_size", "lr"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("epochs", "batch_size", "eval_batch_size", "train_attack_steps", "eval_pgd_steps",
-                     "val_pgd_steps", "num_workers"):
+        """Raise ValueError with one line naming the bad field, before any work (a value that would run
+        silently but measure something else than asked is refused too)."""
+        self._validate_threat_model()
+        if self.lr < 0:
+            raise ValueError(f"lr={self.lr} must be >= 0")
+        for name, why in (("epochs", "0 would evaluate an untrained head"),
+                          ("batch_size", "0 would train at batch 1 and record 0"),
+                          ("eval_batch_size", "0 would evaluate at batch 1")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 ({why})")
+        for name in ("train_attack_steps", "eval_pgd_steps", "val_pgd_steps", "num_workers", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.train_attack_steps == 0 and self.TRAINS_ON_ATTACKS:
+            # PGD with 0 steps returns its input: the method would train on clean images under its name
+            raise ValueError(f"train_attack_steps=0: method {self.method or type(self).__name__} trains on its "
+                             f"attack's examples (0 steps: clean ones); give train_attack_steps >= 1 "
+                             f"(clean baselines: ft, pmf, protonet_lora)")
+        if self.eval_pgd_steps == 0 and self.autoattack_version == "off" and not isinstance(self, EpisodicConfig):
+            raise ValueError("eval_pgd_steps=0 with autoattack_version=off measures no robust accuracy; give "
+                             "eval_pgd_steps >= 1 (eval_pgd_steps=0 skips PGD only where AutoAttack runs)")
+        if self.val_pgd_steps == 0 and self.select_metric in PGD_SELECT_METRICS:
+            raise ValueError(f"val_pgd_steps=0 measures no {self.select_metric}, the select_metric; give "
+                             f"val_pgd_steps >= 1, or select on clean accuracy (select_metric="
+                             f"{PGD_SELECT_METRICS[self.select_metric]})")
         for name in ("max_train_samples", "n_eval", "n_val"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name}={v} must be positive or null (all)")
         if self.eval_pgd_restarts < 1:
             raise ValueError(f"eval_pgd_restarts={self.eval_pgd_restarts} must be >= 1 (the first run starts at the "
-                             f"clean input; eval_pgd_steps=0 turns PGD off)")
+                             f"clean input; eval_pgd_steps=0 skips PGD where AutoAttack runs)")
         if self.autoattack_version not in AUTOATTACK_VERSIONS:
             raise ValueError(f"autoattack_version={self.autoattack_version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
         if self.transform not in TRANSFORMS:
@@ -132,6 +155,20 @@ class BaseConfig:
             raise ValueError(f"input_resize={self.input_resize} must be positive or null (off)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage={self.zero_stage}; valid: 0, 1, 2, 3")
+
+    def _validate_threat_model(self) -> None:
+        """eps and the step sizes are in pixel scale: eps=1 meant as 1/255 would attack with the whole range."""
+        for name in ("eps", "train_step_size", "eval_step_size"):
+            v = getattr(self, name)
+            if v is None:  # eval_step_size: eps/4
+                continue
+            if v < 0:
+                raise ValueError(f"{name}={v:g} must be >= 0 (pixel scale, e.g. {name}=8/255)")
+            if v > 1 or (v > MAX_EPS and not self.allow_large_eps):
+                given = f"{v:g}" if v >= 1 else f"{v:g} ({v * 255:.3g}/255)"
+                hint = f"did you mean {name}={v:g}/255?" if v >= 1 else f"e.g. {name}=8/255;"
+                allowed = "pixel scale is [0, 1]" if v > 1 else "set allow_large_eps=true to run it as given"
+                raise ValueError(f"{name}={given} is above {MAX_EPS * 255:g}/255 (pixel scale): {hint} {allowed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,10 +194,15 @@ class EpisodicConfig(BaseConfig):
     target_datasets: list[str] | None = None
 
     def validate(self) -> None:
+        if self.eval_pgd_steps < 1:  # PGD-0 without a random start leaves the queries clean: adv_acc = clean_acc
+            raise ValueError(f"eval_pgd_steps={self.eval_pgd_steps} must be >= 1: the few-shot robust accuracy "
+                             f"is PGD's (fewshot_autoattack adds AutoAttack, it does not replace PGD)")
         super().validate()
-        for name in ("ways", "shots", "queries", "episodes_per_epoch", "episodes"):
+        for name in ("shots", "queries", "episodes_per_epoch", "episodes", "val_episodes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.ways < 2:
+            raise ValueError(f"ways={self.ways} must be >= 2 (one way is always right)")
         if self.target_datasets is not None and (not self.target_datasets
                                                  or len(set(self.target_datasets)) != len(self.target_datasets)):
             raise ValueError(f"target_datasets={self.target_datasets}: give a non-empty list without repeats, "
@@ -316,6 +358,8 @@ class Method:
 
 # Validation clean accuracy of either kind of method: breaks ties in the selection metric.
 CLEAN_VAL_METRICS = ("val_clean_acc", "val_fewshot_acc")
+# Selection metrics measured by validation PGD (val_pgd_steps), each with its clean counterpart.
+PGD_SELECT_METRICS = {"val_pgd_acc": "val_clean_acc", "val_fewshot_pgd_acc": "val_fewshot_acc"}
 
 
 def selection_key(val: dict[str, float], metric: str) -> tuple[float, float] | None:

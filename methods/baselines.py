@@ -43,6 +43,7 @@ class RFTConfig(BaseConfig):
 
 @dataclass
 class FTConfig(RFTConfig):
+    TRAINS_ON_ATTACKS = False  # clean training: train_attack_steps is unused
     lr: float = 0.01
     weight_decay: float = 1e-4
     select_metric: str = "val_clean_acc"

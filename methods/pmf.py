@@ -40,6 +40,8 @@ ADAPTER_FORMAT = "amt-lora-v1"
 class ProtoNetConfig(EpisodicConfig):
     """What every cosine-ProtoNet method shares: schedule, head, test-time fine-tuning."""
 
+    TRAINS_ON_ATTACKS = False  # clean episodes (AMT, which attacks its queries, says True)
+
     # paper settings (AMT, NeurIPS 2024)
     epochs: int = 30
     lr: float = 5e-4

@@ -33,7 +33,7 @@ def test_set_overrides_are_typed(overrides, field, expected):
 @pytest.mark.parametrize("method, overrides, message", [
     ("nope", {}, "unknown method 'nope'; valid: "),
     ("rft", {"epoch": "1"}, "unknown config field 'epoch'"),
-    ("rft", {"eps": "8"}, "eps=8.0 is outside [0, 1]"),
+    ("rft", {"eps": "8"}, "eps=8 is above 16/255 (pixel scale): did you mean eps=8/255?"),
     ("rft", {"epochs": "two"}, "epochs='two' is not a valid int"),
     ("rft", {"autoattack_version": "fast"}, "valid: standard, plus, rand, apgd-ce, off"),
 ])
@@ -71,12 +71,13 @@ def test_config_hash_of_a_recorded_config_is_unchanged(pin):
 
 @pytest.mark.parametrize("method", list_methods())
 def test_config_hash_is_the_hash_before_roles(method):
-    """The rule before fields had roles: every field but the seed and four speed switches, by name."""
+    """The rule before fields had roles: every field but the seed and four speed switches, by name (and
+    allow_large_eps, added later as a switch that never changes a number)."""
     import hashlib
 
     cfg = resolve_config(method, {"seed": "5", "num_workers": "1"})
     before = {k: v for k, v in cfg.to_dict().items()
-              if k not in {"num_workers", "eval_batch_size", "channels_last", "compile", "seed"}}
+              if k not in {"num_workers", "eval_batch_size", "channels_last", "compile", "seed", "allow_large_eps"}}
     expected = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert config_hash(cfg) == config_hash(cfg.to_dict()) == expected
 

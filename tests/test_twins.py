@@ -112,7 +112,8 @@ def test_step_frozen_stats_stay_adaptive_stats_move_wings_differ(twins_batch, fr
 def test_loss_is_lambda_frozen_plus_adaptive(twins_batch, twins_lambda):
     """loss = λ_twins·CE(frozen wing) + CE(adaptive wing); halves: the first half of the batch through the
     frozen wing, the second through the adaptive wing (batch statistics of that half alone)."""
-    method, engine, _ = make(twins_batch=twins_batch, twins_lambda=twins_lambda, train_attack_steps=0)
+    # eps=0: the attack returns its input, so both wings see the clean batch
+    method, engine, _ = make(twins_batch=twins_batch, twins_lambda=twins_lambda, eps=0.0)
     twin = copy.deepcopy(method.model)
     x, y = data()
     logs = method.train_step(engine, (x, y), TrainContext(steps_per_epoch=1))
