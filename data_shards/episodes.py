@@ -34,6 +34,7 @@ from wids.wids import IndexedTarSamples
 from .manifest import file_location, read_manifest
 from .reader import ShardError, _reason, _remote, _seed_of, decode_sample
 from .transforms import make_transform
+from .verify import verify_split
 
 
 class _Shards:
@@ -109,6 +110,7 @@ class EpisodeSampler:
         if len(self.classes) < max(min_ways, 1 if variable else self.ways):
             raise ValueError(f"{split}: only {len(self.classes)} of classes {wanted} have >= {need} samples; "
                              f"an episode needs {self.ways} such classes")
+        verify_split(self.ds, self.info, split)  # a changed byte (a label too) fails here, naming the shard
         self._index = _Shards(self.ds, self.info, split)
         self._cache = {} if s["num_samples"] <= cache_max else None
 

@@ -161,6 +161,9 @@ def _shard_plan(ds, info: dict, split: str, max_samples: Optional[int]):
         take = n if left >= n else int(left)
         plan.append({"url": file_location(ds, name), "expected": n, "limit": None if take == n else take})
         left -= take
+    from .verify import verify_split  # (verify imports this module's ShardError)
+
+    verify_split(ds, info, split, shards=len(plan))  # a changed byte fails here, with the shard named
     return plan
 
 

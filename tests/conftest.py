@@ -30,6 +30,25 @@ def digits_dir(shards_root) -> Path:
     return shards_root / "digits"
 
 
+def _restamp(ds_dir: Path, name: str) -> None:
+    from data_shards.manifest import read_manifest, write_manifest
+    from data_shards.writer import sha256_file
+
+    info = read_manifest(ds_dir)
+    for split in info["splits"].values():
+        if name in split["shards"]:
+            split["sha256"][name] = sha256_file(Path(ds_dir) / name)
+    write_manifest(ds_dir, info)
+
+
+@pytest.fixture
+def restamp():
+    """``restamp(ds_dir, shard_name)``: give the manifest a damaged shard's sha256, so that reading gets past
+    the verification against the manifest (as a remote shard does, data_shards/verify.py) to the readers'
+    own checks of truncation and decoding."""
+    return _restamp
+
+
 def bench_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bench", *args]
 

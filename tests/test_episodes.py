@@ -89,7 +89,7 @@ def test_not_enough_classes(ds):
     ("boundary", r"train-000000.tar holds \d+ samples where the manifest says 30"),
     ("header", r"corrupt or truncated shard .*train-000000.tar"),  # half a tar header at the end
 ])
-def test_damaged_shard_names_the_shard(ds, tmp_path, cut, message):
+def test_damaged_shard_names_the_shard(ds, tmp_path, cut, message, restamp):
     import shutil
     import tarfile
 
@@ -102,6 +102,9 @@ def test_damaged_shard_names_the_shard(ds, tmp_path, cut, message):
         m = tf.getmembers()[20]
     end = {"member": m.offset_data + 20, "boundary": m.offset, "header": m.offset + 200}[cut]
     p.write_bytes(p.read_bytes()[:end])
+    with pytest.raises(ShardError, match=r"train-000000.tar differs from its manifest"):
+        EpisodeSampler(d, "train", range(NC), 5, 5, 4, seed=0, cache_max=0)
+    restamp(d, "train-000000.tar")  # the sampler's own checks, as for a remote shard
     s = EpisodeSampler(d, "train", range(NC), 5, 5, 4, seed=0, cache_max=0)
     with pytest.raises(ShardError, match=message) as e:
         for i in range(20):

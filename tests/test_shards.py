@@ -122,11 +122,71 @@ def _copy(tiny, tmp_path):
     return d
 
 
-def test_truncated_shard_names_shard_and_key(tiny, tmp_path):
+def _label_member(shard, nth=0):
+    """(offset, byte) of the label digit of the nth sample of a shard (its .cls member's data)."""
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        member = [m for m in tf.getmembers() if m.name.endswith(".cls")][nth]
+        return member.offset_data, tf.extractfile(member).read()[:1]
+
+
+def _change_label(shard, nth=0):
+    """Change the first digit of sample nth's label to another digit: the tar stays valid and decodes."""
+    offset, digit = _label_member(shard, nth)
+    b = bytearray(shard.read_bytes())
+    b[offset] = ord("1") if digit != b"1" else ord("2")
+    shard.write_bytes(bytes(b))
+
+
+def test_changed_label_byte_fails_before_reading_naming_the_shard(tiny, tmp_path):
+    """A label changed in place keeps the tar valid, so only the manifest's sha256 can tell: every reader
+    (streaming, eager, episodic) refuses the shard in one line that names it."""
+    from data_shards.episodes import EpisodeSampler
+
+    d = _copy(tiny, tmp_path)
+    assert len(load_split(d, "train")[1]) == N  # fine before (and now stamped as verified)
+    p = d / "train-000001.tar"
+    _change_label(p, 3)
+    for read in (lambda: load_split(d, "train"), lambda: list(make_loader(d, "train", 8, train=True)),
+                 lambda: EpisodeSampler(d, "train", [0, 1, 2], ways=2, shots=1, queries=1)):
+        with pytest.raises(ShardError) as e:
+            read()
+        msg = str(e.value)
+        assert "\n" not in msg and f"shard {p} differs from its manifest" in msg
+    assert load_split(d, "test")[0].shape[0] == 20  # the other split's shards are fine and still read
+
+
+def test_verified_shards_are_stamped_and_not_hashed_again(tiny, tmp_path, monkeypatch):
+    import data_shards.verify as verify
+
+    d = _copy(tiny, tmp_path)
+    monkeypatch.setattr(verify, "_VERIFIED", {})
+    hashed = []
+    real = verify.sha256_file
+    monkeypatch.setattr(verify, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    load_split(d, "test")
+    assert hashed == ["test-000000.tar"]
+    load_split(d, "test")  # the same process: remembered
+    monkeypatch.setattr(verify, "_VERIFIED", {})  # a new process: the stamp beside the shards
+    load_split(d, "test")
+    assert hashed == ["test-000000.tar"]
+    assert json.loads((d / verify.STAMP).read_text())["test-000000.tar"][2] == read_manifest(d)["splits"]["test"]["sha256"]["test-000000.tar"]
+    _change_label(d / "test-000000.tar")  # new mtime: hashed again, and refused
+    monkeypatch.setattr(verify, "_VERIFIED", {})
+    with pytest.raises(ShardError, match="test-000000.tar differs from its manifest"):
+        load_split(d, "test")
+    assert hashed == ["test-000000.tar"] * 2
+
+
+def test_truncated_shard_names_shard_and_key(tiny, tmp_path, restamp):
     d = _copy(tiny, tmp_path)
     p = d / "train-000001.tar"
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
+    with pytest.raises(ShardError, match="train-000001.tar differs from its manifest"):
+        load_split(d, "train")
+    restamp(d, "train-000001.tar")
     with pytest.raises(ShardError) as e:
         load_split(d, "train")
     assert "train-000001.tar" in str(e.value) and "train_000" in str(e.value)
@@ -135,7 +195,7 @@ def test_truncated_shard_names_shard_and_key(tiny, tmp_path):
     assert any("train-000001.tar" in p for p in check_dataset(d))
 
 
-def test_truncated_at_member_boundary(tiny, tmp_path):
+def test_truncated_at_member_boundary(tiny, tmp_path, restamp):
     import tarfile
 
     d = _copy(tiny, tmp_path)
@@ -144,21 +204,24 @@ def test_truncated_at_member_boundary(tiny, tmp_path):
         members = tf.getmembers()
     cut = members[10].offset  # a clean cut: tarfile sees a shorter archive
     p.write_bytes(p.read_bytes()[:cut])
+    restamp(d, "train-000000.tar")
     with pytest.raises(ShardError, match=r"train-000000.tar.*manifest says 25"):
         load_split(d, "train")
 
 
-def test_undecodable_and_foreign_keys(tmp_path):
+def test_undecodable_and_foreign_keys(tmp_path, restamp):
     import webdataset as wds
 
     d = tmp_path / "bad"
     write_dataset(d, "bad", {"test": [(_img(i), 0) for i in range(3)]}, classes=["a"])
     with wds.TarWriter(str(d / "test-000000.tar"), encoder=False) as w:
         w.write({"__key__": "s0", "png": b"not a png", "cls": b"0"})
+    restamp(d, "test-000000.tar")
     with pytest.raises(ShardError, match=r"s0.*test-000000.tar|test-000000.tar.*s0"):
         load_split(d, "test")
     with wds.TarWriter(str(d / "test-000000.tar"), encoder=False) as w:
         w.write({"__key__": "s1", "pyd": b"\x80\x04K\x01.", "cls": b"0"})
+    restamp(d, "test-000000.tar")
     with pytest.raises(ShardError, match="never pickle"):
         load_split(d, "test")
 
@@ -219,16 +282,17 @@ def test_cli(tmp_path, tiny):
     assert a.func(a) == 0
 
 
-def test_bench_run_on_truncated_shard_is_one_line_error_with_result(shards_root, tmp_path):
-    """As a new user meets it: `bench run` over a cut train shard names the shard and the sample key in its
-    last stderr line, prints no traceback, exits non-zero and leaves a result.json whose status is error."""
+def test_bench_run_on_changed_label_is_one_line_error_with_result(shards_root, tmp_path):
+    """As a new user meets it: `bench run` over a train shard with one label changed (a valid tar that would
+    train silently) names the shard in its last stderr line, prints no traceback, exits non-zero and leaves
+    a result.json whose status is error."""
     import os
     import shutil
 
     root = tmp_path / "shards"
     shutil.copytree(shards_root / "digits", root / "digits")
     shard = root / "digits" / "train-000000.tar"
-    shard.write_bytes(shard.read_bytes()[:30000])  # about a dozen samples in, inside a member
+    _change_label(shard, 12)
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT", "BENCH_DEBUG")}
@@ -239,7 +303,7 @@ def test_bench_run_on_truncated_shard_is_one_line_error_with_result(shards_root,
                        text=True, timeout=900)
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
-    assert str(shard) in last and re.search(r"sample key train_\d{8}", last), p.stderr[-2000:]
+    assert f"shard {shard} differs from its manifest" in last, p.stderr[-2000:]
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "error" and str(shard) in result["error"]
