@@ -365,3 +365,38 @@ def test_headline_is_robust_acc_and_groups_split_by_attack(tmp_path):
                              "digits · supervised · Linf eps 1/255 · AutoAttack apgd-ce"}
     aa = by_group["digits · supervised · Linf eps 1/255 · AutoAttack apgd-ce"]
     assert aa["robust_acc"] == pytest.approx(0.2) and aa["robust_metric"] == "AutoAttack apgd-ce"
+
+# A result.json whose accuracies cannot be ranked: (what is written, field name and reason in the skip line).
+BAD_ACCURACY_CASES = [
+    ({"metrics": {"clean_acc": 89.84, "pgd_acc": 41.0}}, "metrics.clean_acc=89.84 is outside [0, 1] (a percentage?"),
+    ({"metrics": {"clean_acc": 0.9, "pgd_acc": float("nan")}}, "metrics.pgd_acc=nan is not a finite number"),
+    ({"metrics": {"clean_acc": "0.9"}}, "metrics.clean_acc='0.9' is not a number"),
+    ({"metrics": {"clean_acc": 0.9, "autoattack_acc": None}}, "metrics.autoattack_acc=None is not a number"),
+    ({"metrics": {"clean_acc": 0.9, "pgd_acc": -0.1}}, "metrics.pgd_acc=-0.1 is outside [0, 1]"),
+    ({"fewshot": {"ways": 5, "shots": 1, "clean_acc": 0.6, "adv_acc": 30.5}}, "fewshot.adv_acc=30.5 is outside [0, 1]"),
+    ({"fewshot": {"ways": 5, "shots": 1, "clean_acc": 0.6, "adv_acc": 0.3},
+      "fewshot_targets": {"cub": {"clean_acc": 0.5, "adv_acc": float("inf")}}},
+     "fewshot_targets.cub.adv_acc=inf is not a finite number"),
+    ({"metrics": {"clean_acc": True}}, "metrics.clean_acc=True is not a number"),
+]
+
+
+@pytest.mark.parametrize("blocks, reason", BAD_ACCURACY_CASES)
+def test_skip_result_with_bad_accuracy(tmp_path, blocks, reason):
+    """Percentages, NaN, infinities, text and null in an accuracy: the result is skipped, listed with its path
+    and the reason (console, leaderboard.md), and ranks nowhere; a fraction beside it ranks."""
+    res = tmp_path / "results"
+    good = {"id": "g", "method": "rft", "dataset": "digits", "seed": 0, "status": "ok",
+            "metrics": {"clean_acc": 0.9, "pgd_acc": 0.4, "pgd_steps": 10, "eps": 8 / 255, "n_eval": 100}}
+    (res / "good").mkdir(parents=True)
+    (res / "good" / "result.json").write_text(json.dumps(good))
+    bad = {**{k: v for k, v in good.items() if k != "metrics"}, "id": "b", "method": "autolora", **blocks}
+    (res / "bad").mkdir()
+    (res / "bad" / "result.json").write_text(json.dumps(bad))  # json writes NaN/Infinity, as Python reads them
+    problems: list = []
+    rows = lb.build_leaderboard(res, tmp_path / "out", console=False, problems=problems)
+    assert [r["method"] for r in rows] == ["rft"]
+    assert problems == [(str(res / "bad" / "result.json"), problems[0][1])]
+    assert reason in problems[0][1], problems[0][1]
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "## Skipped results" in md and "bad/result.json" in md and reason in md

@@ -1,6 +1,5 @@
 """Writer/reader round trip, worker split, corrupt shards, digits, check, CLI."""
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path

@@ -59,9 +59,45 @@ def _problem(data: Any) -> str | None:
     missing = [k for k in ("method", "dataset") if not isinstance(data.get(k), str) or not data.get(k)]
     if missing:
         return f"missing field(s) {', '.join(missing)}"
+    bad = _bad_accuracy(data)  # before the check below: a text clean accuracy is named as such
+    if bad is not None:
+        return bad
     if num(get(data, "metrics", "clean_acc")) is None and num(get(data, "fewshot", "clean_acc")) is None \
             and data.get("stage") != "validation":
         return "no clean accuracy in metrics or fewshot"
+    return None
+
+
+def _accuracy_blocks(data: dict):
+    """(name, block) of every block of accuracies: metrics, fewshot, and each cross-domain target's."""
+    yield "metrics", data.get("metrics")
+    yield "fewshot", data.get("fewshot")
+    targets = data.get("fewshot_targets")
+    if isinstance(targets, dict):
+        yield from ((f"fewshot_targets.{k}", b) for k, b in targets.items())
+    elif isinstance(targets, list):
+        yield from ((f"fewshot_targets[{i}]", b) for i, b in enumerate(targets))
+
+
+def _bad_accuracy(data: dict) -> str | None:
+    """Why an accuracy (a ``*_acc`` field) of a result cannot be ranked: a fraction in [0, 1] is expected
+    (result.json's schema); percentages would rank first at 8984%, NaN and text would show as blanks."""
+    for block_name, block in _accuracy_blocks(data):
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            return f"{block_name} is not a JSON object"
+        for key, v in block.items():
+            if not key.endswith("_acc"):
+                continue
+            where = f"{block_name}.{key}={v!r}"
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"{where} is not a number (accuracies are fractions in [0, 1]; one not computed is absent)"
+            if not math.isfinite(v):
+                return f"{where} is not a finite number (accuracies are fractions in [0, 1])"
+            if not 0.0 <= v <= 1.0:
+                hint = " (a percentage? accuracies are fractions)" if 1.0 < v <= 100.0 else ""
+                return f"{where} is outside [0, 1]{hint}"
     return None
 
 
