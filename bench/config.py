@@ -109,6 +109,45 @@ def with_overrides(cfg: BaseConfig, overrides: dict[str, Any]) -> BaseConfig:
     return resolve_config(cfg.method, {**{k: v for k, v in cfg.to_dict().items() if k != "method"}, **overrides})
 
 
+# Config fields that may hold local paths: a trial of a sweep runs in Tune's own folder, so a relative path is
+# made absolute once, in the process the user started, against the folder it was started in.
+PATH_FIELDS = ("backbone", "dataset", "target_datasets", "pool_dir", "adapter_path")
+
+
+def absolute_path(key: str, value: Any, cwd: str | Path | None = None) -> Any:
+    """``value`` of config field ``key`` with a relative local path in it made absolute against ``cwd``
+    (default: the current folder); anything else unchanged. ``backbone``: the weights of ``NAME@PATH``;
+    ``dataset``, ``target_datasets``: a folder holding shards (a name under the shards root stays a name);
+    ``pool_dir``, ``adapter_path``: any path but a ``{run_dir}`` template."""
+    from data_shards.manifest import MANIFEST
+    from data_shards.paths import is_remote
+
+    base = Path(cwd) if cwd is not None else Path.cwd()
+
+    def absolute(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    if not isinstance(value, str) and not (key == "target_datasets" and isinstance(value, list)):
+        return value
+    if key == "backbone" and "@" in value:
+        arch, weights = value.split("@", 1)
+        return f"{arch}@{absolute(weights)}" if not is_remote(weights) else value
+    if key in ("dataset", "target_datasets"):
+        def shards(v):
+            found = isinstance(v, str) and not is_remote(v) and (base / Path(v).expanduser() / MANIFEST).is_file()
+            return absolute(v) if found else v
+        return [shards(v) for v in value] if isinstance(value, list) else shards(value)
+    if key in ("pool_dir", "adapter_path") and "{" not in value and not is_remote(value):
+        return absolute(value)
+    return value
+
+
+def absolute_paths(overrides: dict[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """``overrides`` with :func:`absolute_path` applied to each of :data:`PATH_FIELDS`."""
+    return {k: absolute_path(k, v, cwd) if k in PATH_FIELDS else v for k, v in overrides.items()}
+
+
 def parse_set_args(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items or []:

@@ -34,8 +34,20 @@ def dataset_dir(name_or_path: Union[str, os.PathLike], root: Optional[Union[str,
     base = Path(root).expanduser().resolve() if root is not None else default_root()
     d = base / str(name_or_path)
     if not (d / MANIFEST).is_file():
-        raise FileNotFoundError(
-            f"no shards for data set '{name_or_path}' under {base}; "
-            f"build them with: python -m bench shards make {name_or_path}"
-        )
+        raise FileNotFoundError(f"no shards for data set '{name_or_path}' under {base}; "
+                                f"{how_to_build(str(name_or_path), base)}")
     return d
+
+
+def how_to_build(name: str, base: Path) -> str:
+    """The command that builds data set ``name`` under ``base``, with a converter that exists."""
+    from .converters import CONVERTERS  # (heavy imports: only on this error path)
+
+    out = f" --out {base}" if base != default_root() else ""
+    if name == "digits":
+        return f"build them with: python -m bench shards make digits{out}"
+    if name in CONVERTERS:
+        return f"build them with: python -m bench shards make {name} --root DIR{out} (DIR: the data set as its publisher ships it)"
+    return (f"no converter is named '{name}' (python -m bench shards list: {', '.join(sorted(CONVERTERS))}); "
+            f"a class-per-folder tree converts with: python -m bench shards make folder --root DIR{out}, "
+            f"then rename {base / 'folder'} to {base / name}")

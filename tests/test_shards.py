@@ -53,7 +53,14 @@ def test_dataset_dir_missing(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         dataset_dir("nope", root=tmp_path)
     msg = str(e.value)
-    assert "\n" not in msg and "nope" in msg and "python -m bench shards make nope" in msg
+    assert "\n" not in msg and "no shards for data set 'nope'" in msg
+    # a converter that exists: the name's own, else the class-folder one
+    assert "no converter is named 'nope'" in msg and f"python -m bench shards make folder --root DIR --out {tmp_path}" in msg
+    assert f"then rename {tmp_path / 'folder'} to {tmp_path / 'nope'}" in msg
+    with pytest.raises(FileNotFoundError, match=f"python -m bench shards make cifar10 --root DIR --out {tmp_path} "):
+        dataset_dir("cifar10", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"python -m bench shards make digits --out {tmp_path}$"):
+        dataset_dir("digits", root=tmp_path)
 
 
 def test_default_root(monkeypatch, tmp_path):

@@ -107,15 +107,81 @@ def test_shipped_spaces_validate():
         assert spec.n_trials() >= 1, f
 
 
-def test_cli_check_and_error_exit(tmp_path):
+def test_cli_check_and_error_exit(tmp_path, shards_root):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [rft]\nnum_samples: 0\n")
     out = subprocess.run([sys.executable, "-m", "bench", "sweep", str(bad)], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "num_samples" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = subprocess.run([sys.executable, "-m", "bench", "sweep", str(ROOT / "tune_spaces" / "smoke.yaml"),
-                          "--check"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 0 and "5 trials" in out.stdout
+                          "--check"], capture_output=True, text=True, cwd=ROOT, timeout=120, env=_env(shards_root))
+    assert out.returncode == 0 and "5 trials" in out.stdout, out.stderr
+
+
+def _check(path: Path, data_root: Path, capsys) -> tuple[int, str]:
+    """``bench sweep PATH --check`` in this process: (exit status, the one line it printed)."""
+    from bench.cli import main
+
+    rc = main(["sweep", str(path), "--check", "--data-root", str(data_root)])
+    out = capsys.readouterr()
+    lines = (out.err if rc else out.out).strip().splitlines()
+    assert len(lines) == 1, lines
+    return rc, lines[0]
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """The folder the command starts in (not the repository), holding weights/tiny.pt: a tiny_cnn checkpoint."""
+    import torch
+
+    from bench.backbones import create_backbone
+
+    start = tmp_path / "start"
+    (start / "weights").mkdir(parents=True)
+    torch.save(create_backbone("tiny_cnn", 10).encoder.state_dict(), start / "weights" / "tiny.pt")
+    monkeypatch.chdir(start)
+    return start
+
+
+# (sweep file settings, what --check says: "" = accepted) -- each as a start of the sweep would find it
+CHECK_CASES = [
+    ({}, ""),
+    ({"backbone": "tiny_cnn@weights/tiny.pt"}, ""),  # relative, present in the folder the command started in
+    ({"backbone": "tiny_cnn@weights/nope.pt"}, "weights file {start}/weights/nope.pt does not exist"),
+    ({"dataset": "imagenet_subset"}, "no shards for data set 'imagenet_subset' under {root}; no converter is named "
+                                     "'imagenet_subset' (python -m bench shards list: "),
+    ({"dataset": "cifar10"}, "python -m bench shards make cifar10 --root DIR --out {root}"),
+    ({"space": {"dataset": {"grid": ["digits", "dogs"]}}}, "dataset dogs, backbone tiny_cnn: no shards for data set "
+                                                            "'dogs'"),
+    ({"methods": ["pmf"], "fixed": {"target_datasets": ["digits", "cub200"]}},
+     "no shards for data set 'cub200' under {root}; build them with: python -m bench shards make cub200 --root DIR"),
+]
+
+
+@pytest.mark.parametrize("settings, message", CHECK_CASES)
+def test_check_finds_what_the_start_would(tmp_path, shards_root, elsewhere, capsys, settings, message):
+    """--check refuses what a start refuses (missing shards with a converter that exists, a missing weights
+    file, relative paths resolved against the folder the command started in) and accepts the rest."""
+    path = write_sweep(tmp_path, **settings)
+    rc, line = _check(path, shards_root, capsys)
+    if not message:
+        assert rc == 0 and "every config resolved, shards and backbone weights found" in line
+    else:
+        assert rc == 2 and message.format(start=elsewhere, root=shards_root) in line, line
+
+
+def test_check_relative_paths_become_absolute_for_trials(tmp_path, shards_root, elsewhere, monkeypatch):
+    """A trial runs in Tune's folder: the driver resolved the relative weights path against the folder the
+    command started in, so the trial's config finds the file from anywhere."""
+    from bench.config import resolve_config
+    from bench.sweep.space import load_sweep
+    from bench.trial import check_inputs
+
+    spec = load_sweep(write_sweep(tmp_path, backbone="tiny_cnn@weights/tiny.pt")).with_absolute_paths()
+    monkeypatch.chdir(tmp_path)  # a trial's own folder
+    cfg = resolve_config("rft", spec.overrides("rft", 0, {}))
+    assert cfg.backbone == f"tiny_cnn@{elsewhere / 'weights' / 'tiny.pt'}"
+    check_inputs(cfg, shards_root)  # found from the trial's folder
 
 
 # ------------------------------------------------------------------------------------------- sweeps

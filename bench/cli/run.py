@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from bench.config import config_hash, parse_set_args, resolve_config
+    from bench.config import PATH_FIELDS, absolute_paths, config_hash, parse_set_args, resolve_config, with_overrides
     from bench.trial import check_inputs, run_trial, write_error_result
     from data_shards.reader import ShardError
 
@@ -38,6 +38,10 @@ def run(args) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = resolve_config(args.method, overrides)
+    # relative paths as a sweep's trials get them: absolute, against the folder the command started in
+    paths = {k: getattr(cfg, k) for k in PATH_FIELDS if hasattr(cfg, k)}
+    if absolute_paths(paths) != paths:
+        cfg = with_overrides(cfg, absolute_paths(paths))
     out = args.out or Path("runs") / f"{cfg.method}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}"
     check_inputs(cfg, args.data_root)  # bad input: main() says so in one line, before any work
     failure = None

@@ -66,7 +66,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from bench.sweep.space import load_sweep
 
-    spec = load_sweep(args.file)
+    # relative paths mean the folder the command started in, for --check and for every trial (run in Tune's)
+    spec = load_sweep(args.file).with_absolute_paths()
     if args.gpus_per_trial is not None:
         if args.gpus_per_trial < 0:
             raise ValueError(f"--gpus-per-trial {args.gpus_per_trial:g} must be >= 0")
@@ -77,10 +78,12 @@ def run(args) -> int:
         spec.workers = args.workers_per_trial
     if args.check:
         from bench.sweep.phases import check
+        from bench.sweep.space import check_trial_inputs
 
         check(spec)
+        check_trial_inputs(spec, resolve_data_root(args.data_root))  # what run_sweep checks before Ray starts
         print(f"{spec.path}: ok, {spec.n_trials()} trials of {', '.join(spec.methods)} on "
-              f"{', '.join(spec.datasets())}, every config resolved"
+              f"{', '.join(spec.datasets())}, every config resolved, shards and backbone weights found"
               + (" (merge search: validation-only candidates; the best per target domain is tested once)"
                  if spec.merge_search else ""))
         return 0
@@ -228,9 +231,10 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     t_start = time.time()
     results = Path(results).resolve()
     data_root = resolve_data_root(data_root)
-    from data_shards.paths import dataset_dir
+    spec.with_absolute_paths()  # (done already by `bench sweep`; for callers of run_sweep)
+    from bench.sweep.space import check_trial_inputs
 
-    dataset_dir(spec.dataset, data_root)  # fails early, with its own message, when the shards are missing
+    check_trial_inputs(spec, data_root)  # what each trial's start checks, before Ray starts (as --check does)
     storage_path = _storage(results, storage)
     names = [spec.name, spec.name + FIRST_PHASE_SUFFIX]
     exists = {n: _experiment_exists(storage_path, n) for n in names}

@@ -101,6 +101,31 @@ class SweepSpec:
         shared = {k: v for k, v in block.items() if k not in self.methods}
         return {**shared, **block.get(method, {})}
 
+    def with_absolute_paths(self, cwd: str | Path | None = None) -> "SweepSpec":
+        """The relative local paths of every setting (backbone weights, shard folders, pool folders) made
+        absolute against ``cwd`` (default: the current folder), in place: trials run in Tune's folders, so
+        the driver resolves them once, as the user meant them. Returns ``self``."""
+        from bench.config import PATH_FIELDS, absolute_path, absolute_paths
+
+        def block(b: dict) -> dict:
+            out = absolute_paths({k: v for k, v in b.items() if k not in self.methods}, cwd)
+            out.update({m: absolute_paths(v, cwd) for m, v in b.items() if m in self.methods and isinstance(v, dict)})
+            return out
+
+        self.backbone = absolute_path("backbone", self.backbone, cwd)
+        self.dataset = absolute_path("dataset", self.dataset, cwd)
+        self.fixed = absolute_paths(self.fixed, cwd)
+        self.per_method = {m: absolute_paths(b, cwd) for m, b in self.per_method.items()}
+        self.per_dataset = {str(absolute_path("dataset", d, cwd)): block(b) for d, b in self.per_dataset.items()}
+        self.space = {k: (dist, [absolute_path(k, v, cwd) for v in args] if k in PATH_FIELDS and dist in
+                          ("grid", "choice") else args) for k, (dist, args) in self.space.items()}
+        return self
+
+    def backbones(self) -> list[str]:
+        """The backbones the trials run: the swept grid/choice values, or the top-level one."""
+        dist_args = self.space.get("backbone")
+        return [str(b) for b in dist_args[1]] if dist_args else [self.backbone]
+
     def datasets(self) -> list[str]:
         """The data sets the trials run on: the swept grid/choice values, or the top-level one."""
         dist_args = self.space.get("dataset")
@@ -353,6 +378,29 @@ def _check_configs(spec: SweepSpec) -> None:
                     resolve_config(m, spec.overrides(m, spec.seeds[0], {**base, key: value}))
                 except ConfigError as e:
                     raise _fail(spec.path, f"space.{key}", f"value {value!r} for method {m}: {e}") from None
+
+
+def check_trial_inputs(spec: SweepSpec, data_root: str | Path | None) -> int:
+    """What the start of each trial checks (bench.trial.check_inputs: shards and their splits, target data
+    sets, backbone and its weights), for every method, data set and backbone of the sweep, before Ray
+    starts. Raises :class:`SweepError` (one line) on the first problem; returns the number of configs checked."""
+    from bench.config import resolve_config
+    from bench.trial import check_inputs
+
+    base = {k: _first(d, a) for k, (d, a) in spec.space.items()}
+    n = 0
+    for m in spec.methods:
+        for dataset in spec.datasets():
+            for backbone in spec.backbones():
+                cfg = resolve_config(m, spec.overrides(m, spec.seeds[0], {**base, "dataset": dataset,
+                                                                          "backbone": backbone}))
+                try:
+                    check_inputs(cfg, data_root)
+                except (ValueError, FileNotFoundError, KeyError) as e:
+                    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+                    raise _fail(spec.path, f"method {m}, dataset {dataset}, backbone {backbone}", msg) from None
+                n += 1
+    return n
 
 
 def _first(dist: str, args: list) -> Any:
