@@ -271,3 +271,64 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
         atomic_write(target, broken)
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# Values that would run silently and measure something else than asked: refused before any work, in one line.
+RANGE_CASES = [
+    ("rft", {"epochs": "0"}, "epochs=0 must be >= 1 (0 would evaluate an untrained head)"),
+    ("rft", {"batch_size": "0"}, "batch_size=0 must be >= 1 (0 would train at batch 1 and record 0)"),
+    ("rft", {"eval_batch_size": "0"}, "eval_batch_size=0 must be >= 1"),
+    ("rft", {"eps": "1"}, "eps=1 is above 16/255 (pixel scale): did you mean eps=1/255? set allow_large_eps=true"),
+    ("rft", {"eps": "4"}, "eps=4 is above 16/255 (pixel scale): did you mean eps=4/255? pixel scale is [0, 1]"),
+    ("rft", {"eps": "32/255"}, "eps=0.12549 (32/255) is above 16/255 (pixel scale): e.g. eps=8/255; set allow_large_eps"),
+    ("rft", {"eps": "2", "allow_large_eps": "true"}, "eps=2 is above 16/255 (pixel scale): did you mean eps=2/255? "
+                                                     "pixel scale is [0, 1]"),
+    ("rft", {"eps": "-1/255"}, "eps=-0.00392157 must be >= 0"),
+    ("rft", {"train_step_size": "2"}, "did you mean train_step_size=2/255?"),
+    ("autolora", {"eval_step_size": "1"}, "did you mean eval_step_size=1/255?"),
+    ("rft", {"train_attack_steps": "0"}, "train_attack_steps=0: method rft trains on its attack's examples"),
+    ("twins", {"train_attack_steps": "0"}, "train_attack_steps=0: method twins trains on its attack's examples"),
+    ("autolora", {"train_attack_steps": "0"}, "train_attack_steps=0: method autolora"),
+    ("amt", {"train_attack_steps": "0"}, "train_attack_steps=0: method amt"),
+    ("rft", {"train_attack_steps": "-1"}, "train_attack_steps=-1 must be >= 0"),
+    ("rft", {"eval_pgd_steps": "0", "autoattack_version": "off"},
+     "eval_pgd_steps=0 with autoattack_version=off measures no robust accuracy"),
+    ("pmf", {"eval_pgd_steps": "0"}, "eval_pgd_steps=0 must be >= 1: the few-shot robust accuracy is PGD's"),
+    ("rft", {"val_pgd_steps": "0"}, "val_pgd_steps=0 measures no val_pgd_acc, the select_metric; give val_pgd_steps "
+                                    ">= 1, or select on clean accuracy (select_metric=val_clean_acc)"),
+    ("pmf", {"ways": "1"}, "ways=1 must be >= 2"),
+    ("pmf", {"val_episodes": "0"}, "val_episodes=0 must be positive"),
+    ("amt", {"episodes": "0"}, "episodes=0 must be positive"),
+    ("pmf", {"episodes_per_epoch": "0"}, "episodes_per_epoch=0 must be positive"),
+    ("rft", {"n_eval": "0"}, "n_eval=0 must be positive or null (all)"),
+    ("rft", {"shuffle_buffer": "-1"}, "shuffle_buffer=-1 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("method, overrides, message", RANGE_CASES)
+def test_out_of_range_input_is_one_line_error(method, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(method, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("ft", {"train_attack_steps": "0"}),  # clean methods never attack in training
+    ("pmf", {"train_attack_steps": "0"}),
+    ("protonet_lora", {"train_attack_steps": "0"}),
+    ("rft", {"eval_pgd_steps": "0"}),  # AutoAttack (standard) alone is the robust number
+    ("ft", {"val_pgd_steps": "0"}),  # ft selects on clean accuracy
+    ("rft", {"val_pgd_steps": "0", "select_metric": "val_clean_acc"}),
+    ("rft", {"eps": "16/255"}),
+    ("rft", {"eps": "32/255", "allow_large_eps": "true"}),
+    ("rft", {"eps": "0"}),
+])
+def test_in_range_edge_inputs_resolve(method, overrides):
+    resolve_config(method, overrides)
+
+
+def test_allow_large_eps_is_left_out_of_the_hash():
+    """It permits a value and never changes a number: the eps it permits is in the hash already."""
+    a = resolve_config("rft", {"eps": "8/255"})
+    b = resolve_config("rft", {"eps": "8/255", "allow_large_eps": "true"})
+    assert config_hash(a) == config_hash(b) != config_hash(resolve_config("rft", {"eps": "4/255"}))

@@ -58,17 +58,21 @@ def test_autoattack_off_leaves_metric_absent(shards_root, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "nope"], "unknown method 'nope'; valid:"),
-    (["--method", "rft", "--set", "eps=8"], "eps=8.0 is outside [0, 1]"),
+    (["--method", "rft", "--set", "eps=8"], "eps=8 is above 16/255 (pixel scale): did you mean eps=8/255?"),
+    (["--method", "rft", "--set", "eps=1"], "did you mean eps=1/255? set allow_large_eps=true to run it as given"),
+    (["--method", "rft", "--set", "epochs=0"], "epochs=0 must be >= 1 (0 would evaluate an untrained head)"),
+    # (the other range checks, in process: tests/test_foundation.py RANGE_CASES)
+    (["--method", "rft", "--backbone", "tiny_cnn@weights/none.pt"], "weights file {cwd}/weights/none.pt does not exist"),
     (["--method", "rft", "--set", "epoch=1"], "unknown config field 'epoch'"),
     (["--method", "rft", "--dataset", "cifar77"], "no shards for data set 'cifar77'"),
     (["--method", "rft", "--backbone", "resnet_nope"], "unknown backbone 'resnet_nope'"),
 ])
 def test_bad_input_is_one_line_error_before_work(shards_root, tmp_path, args, message):
     out = tmp_path / "bad"
-    p = bench("run", *args, "--data-root", str(shards_root), "--out", str(out))
+    p = bench("run", *args, "--data-root", str(shards_root), "--out", str(out), cwd=tmp_path)
     assert p.returncode == 2
     lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], p.stderr
+    assert len(lines) == 1 and message.format(cwd=tmp_path) in lines[0], p.stderr
     assert not (out / "result.json").exists()
 
 
