@@ -221,20 +221,27 @@ def test_asha_sweep_four_trials(tmp_path, shards_root, ray_2cpu):
     assert (res / "leaderboard.md").exists()
 
 
-def test_error_trial_others_finish(tmp_path, shards_root, ray_2cpu):
+def test_error_trial_others_finish(tmp_path, shards_root, elsewhere, ray_2cpu):
+    """A trial that fails at run time leaves the others running. Both trials name their weights relative to
+    the folder the sweep started in, and run in Tune's folders: the good one finds its file."""
+    import torch
+
     from bench.sweep.driver import run_sweep
     from bench.sweep.space import load_sweep
 
-    # weights that do not exist: the trial fails at run time (backbones are resolved inside the trial)
+    # weights that exist (so the start's check passes) but do not fit: the trial fails when it builds its model
+    torch.save({"not_a_layer": torch.zeros(1)}, elsewhere / "weights" / "bad.pt")
     path = write_sweep(tmp_path, "err", fixed={"epochs": 1}, max_failures=0,
-                       space={"backbone": {"grid": ["tiny_cnn", "tiny_cnn@/nonexistent/weights.pt"]}})
+                       space={"backbone": {"grid": ["tiny_cnn@weights/tiny.pt", "tiny_cnn@weights/bad.pt"]}})
     res = tmp_path / "res"
     summary = run_sweep(load_sweep(path), res, data_root=shards_root, leaderboard=True, verbose=0)
     files = results_of(res)
     assert summary["n_trials"] == 2 and summary["n_error"] == 1 and summary["n_ok"] == 1
     assert sorted(r["status"] for r in files.values()) == ["error", "ok"], files
+    ok = next(r for r in files.values() if r["status"] == "ok")
+    assert ok["backbone"] == f"tiny_cnn@{elsewhere / 'weights' / 'tiny.pt'}"
     err = next(r for r in files.values() if r["status"] == "error")
-    assert "backbone" in err["error"] and err["sweep"]["swept"]["backbone"].startswith("tiny_cnn@")
+    assert "does not fit" in err["error"] and err["sweep"]["swept"]["backbone"] == f"tiny_cnn@{elsewhere / 'weights' / 'bad.pt'}"
     assert (res / "leaderboard.md").exists()  # the leaderboard is built from the trial that finished
 
 
