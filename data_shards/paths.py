@@ -47,7 +47,8 @@ def how_to_build(name: str, base: Path) -> str:
     if name == "digits":
         return f"build them with: python -m bench shards make digits{out}"
     if name in CONVERTERS:
-        return f"build them with: python -m bench shards make {name} --root DIR{out} (DIR: the data set as its publisher ships it)"
+        return (f"build them with: python -m bench shards make {name} --root DIR{out} "
+                f"(DIR: the data set as its publisher ships it)")
     return (f"no converter is named '{name}' (python -m bench shards list: {', '.join(sorted(CONVERTERS))}); "
             f"a class-per-folder tree converts with: python -m bench shards make folder --root DIR{out}, "
             f"then rename {base / 'folder'} to {base / name}")

@@ -280,7 +280,8 @@ RANGE_CASES = [
     ("rft", {"eval_batch_size": "0"}, "eval_batch_size=0 must be >= 1"),
     ("rft", {"eps": "1"}, "eps=1 is above 16/255 (pixel scale): did you mean eps=1/255? set allow_large_eps=true"),
     ("rft", {"eps": "4"}, "eps=4 is above 16/255 (pixel scale): did you mean eps=4/255? pixel scale is [0, 1]"),
-    ("rft", {"eps": "32/255"}, "eps=0.12549 (32/255) is above 16/255 (pixel scale): e.g. eps=8/255; set allow_large_eps"),
+    ("rft", {"eps": "32/255"}, "eps=0.12549 (32/255) is above 16/255 (pixel scale): e.g. eps=8/255; "
+                               "set allow_large_eps"),
     ("rft", {"eps": "2", "allow_large_eps": "true"}, "eps=2 is above 16/255 (pixel scale): did you mean eps=2/255? "
                                                      "pixel scale is [0, 1]"),
     ("rft", {"eps": "-1/255"}, "eps=-0.00392157 must be >= 0"),

@@ -55,7 +55,8 @@ def test_dataset_dir_missing(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "no shards for data set 'nope'" in msg
     # a converter that exists: the name's own, else the class-folder one
-    assert "no converter is named 'nope'" in msg and f"python -m bench shards make folder --root DIR --out {tmp_path}" in msg
+    assert "no converter is named 'nope'" in msg
+    assert f"python -m bench shards make folder --root DIR --out {tmp_path}" in msg
     assert f"then rename {tmp_path / 'folder'} to {tmp_path / 'nope'}" in msg
     with pytest.raises(FileNotFoundError, match=f"python -m bench shards make cifar10 --root DIR --out {tmp_path} "):
         dataset_dir("cifar10", root=tmp_path)
@@ -177,7 +178,8 @@ def test_verified_shards_are_stamped_and_not_hashed_again(tiny, tmp_path, monkey
     monkeypatch.setattr(verify, "_VERIFIED", {})  # a new process: the stamp beside the shards
     load_split(d, "test")
     assert hashed == ["test-000000.tar"]
-    assert json.loads((d / verify.STAMP).read_text())["test-000000.tar"][2] == read_manifest(d)["splits"]["test"]["sha256"]["test-000000.tar"]
+    stamp = json.loads((d / verify.STAMP).read_text())["test-000000.tar"]
+    assert stamp[2] == read_manifest(d)["splits"]["test"]["sha256"]["test-000000.tar"]
     _change_label(d / "test-000000.tar")  # new mtime: hashed again, and refused
     monkeypatch.setattr(verify, "_VERIFIED", {})
     with pytest.raises(ShardError, match="test-000000.tar differs from its manifest"):

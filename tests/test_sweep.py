@@ -241,7 +241,8 @@ def test_error_trial_others_finish(tmp_path, shards_root, elsewhere, ray_2cpu):
     ok = next(r for r in files.values() if r["status"] == "ok")
     assert ok["backbone"] == f"tiny_cnn@{elsewhere / 'weights' / 'tiny.pt'}"
     err = next(r for r in files.values() if r["status"] == "error")
-    assert "does not fit" in err["error"] and err["sweep"]["swept"]["backbone"] == f"tiny_cnn@{elsewhere / 'weights' / 'bad.pt'}"
+    assert "does not fit" in err["error"]
+    assert err["sweep"]["swept"]["backbone"] == f"tiny_cnn@{elsewhere / 'weights' / 'bad.pt'}"
     assert (res / "leaderboard.md").exists()  # the leaderboard is built from the trial that finished
 
 
