@@ -368,6 +368,7 @@ def test_headline_is_robust_acc_and_groups_split_by_attack(tmp_path):
 
 # A result.json whose accuracies cannot be ranked: (what is written, field name and reason in the skip line).
 BAD_ACCURACY_CASES = [
+    ({"metrics": {"clean_acc": 0.0938, "pgd_acc": 0.1562}}, "metrics.pgd_acc=0.1562 is above clean_acc=0.0938"),
     ({"metrics": {"clean_acc": 89.84, "pgd_acc": 41.0}}, "metrics.clean_acc=89.84 is outside [0, 1] (a percentage?"),
     ({"metrics": {"clean_acc": 0.9, "pgd_acc": float("nan")}}, "metrics.pgd_acc=nan is not a finite number"),
     ({"metrics": {"clean_acc": "0.9"}}, "metrics.clean_acc='0.9' is not a number"),

@@ -98,6 +98,12 @@ def _bad_accuracy(data: dict) -> str | None:
             if not 0.0 <= v <= 1.0:
                 hint = " (a percentage? accuracies are fractions)" if 1.0 < v <= 100.0 else ""
                 return f"{where} is outside [0, 1]{hint}"
+        clean = block.get("clean_acc")
+        for key in ("pgd_acc", "autoattack_acc", "adv_acc", "robust_acc"):
+            if isinstance(clean, (int, float)) and isinstance(block.get(key), (int, float)) and block[key] > clean + 1e-9:
+                # a sample is robust only if it is right clean: this row was counted the old way (re-evaluate it)
+                return (f"{block_name}.{key}={block[key]:.4f} is above clean_acc={clean:.4f} (a sample is robust only "
+                        f"if it is right clean; re-run its evaluation)")
     return None
 
 
