@@ -305,22 +305,25 @@ def query_ce(method, ep):
         return F.cross_entropy(clf.eval()(ep.query_x), ep.query_y).item()
 
 
-@pytest.mark.parametrize("name, over", [
-    ("pmf", {}),
-    ("protonet_lora", {}),
-    ("amt", {"member_eps": 8.0}),
-    ("amt", {"member_eps": 8.0, "awp_eta": 0.0}),
+# Episodes where each method's clean loss has room to fall far above float32 rounding (measured on the 2-core
+# Sapphire Rapids VM: pmf 1.0987 -> 1.0976 on noise; protonet_lora and amt 0.379 -> 0.024 on colours). AMT's
+# members at 8/255 trade clean loss for robustness (it rises on colours, and falls by 2e-6 on noise): 0.5/255.
+@pytest.mark.parametrize("name, over, make_episode", [
+    ("pmf", {}, episode),
+    ("protonet_lora", {}, colour_episode),
+    ("amt", {"member_eps": 0.5}, colour_episode),
+    ("amt", {"member_eps": 0.5, "awp_eta": 0.0}, colour_episode),
 ])
-def test_meta_tuning_steps_lower_the_loss_on_a_fixed_episode(name, over):
+def test_meta_tuning_steps_lower_the_loss_on_a_fixed_episode(name, over, make_episode):
     method = make_method(name, lr=0.05, **over)
     engine = PlainEngine(method.model, method.make_optimizer())
-    ep = episode()
+    ep = make_episode()
     before = query_ce(method, ep)
     method.model.train()
     for step in range(4):
         logs = method.train_step(engine, ep, TrainContext(epoch=0, step=step, steps_per_epoch=4))
         assert math.isfinite(logs["train_loss"])
-    assert query_ce(method, ep) < before
+    assert query_ce(method, ep) < before - 5e-4
 
 
 def test_weight_perturbation_leaves_the_weights_unchanged():
