@@ -72,7 +72,7 @@ def evaluate_fewshot(method, sampler, n_episodes: int, cfg, *, attack: bool, dev
             sx, sy, qx, qy = sx.to(device), sy.to(device).long(), qx.to(device), qy.to(device).long()
             ways = int(sy.max()) + 1 if ways is None else ways
             shots = int((sy == 0).sum()) if shots is None else shots
-            clf = method.episode_classifier(sx, sy)
+            clf = method.episode_classifier(sx, sy, episode=(getattr(sampler, "seed", 0), i))
             with eval_mode(clf), fp32_eval(clf):
                 with torch.no_grad():
                     clean = clf(qx).argmax(1) == qy

@@ -33,6 +33,7 @@ from torch import nn
 from methods.attacks import eval_mode
 from methods.amt_pool import member_runs, pool_eps_list, write_manifest  # noqa: F401 (pool_eps_list: API)
 from methods.base import TrainContext, setting
+from methods.episode_rng import MERGE_AUGMENT, EpisodeKey, EpisodeRandomness
 from methods.merge import diff_augment, merge_weights, merged_overrides, support_score
 from methods.pmf import ProtoNetLoRA, ProtoNetLoRAConfig, episode_to, prototypes
 from methods.registry import register_method
@@ -84,7 +85,8 @@ class AMTConfig(ProtoNetLoRAConfig):
                                                     "merged weights; 1 = off")
     trim_modules: str = setting(".*", role="pool", doc="regex over adapted layer names that trimming applies to")
     merge_aug_p: float = setting(0.9, role="pool", doc="DiffAugment probability for support scoring")
-    merge_seed: int = setting(1234, role="pool")
+    merge_seed: int = setting(1234, role="pool", doc="seed of the merge's per-episode augmentation draws, mixed "
+                                                     "with each episode's key")
     # Inherited fields that only the merged pool's test evaluation reads (a member is trained and validated
     # without them): redeclared with the inherited default, role "pool".
     adapter_path: str | None = setting(ProtoNetLoRAConfig.adapter_path, role="pool")
@@ -242,6 +244,7 @@ class AMT(ProtoNetLoRA):
         self._warned_zero3 = False
         self._warned_bf16 = False
         self._gen = torch.Generator().manual_seed(cfg.seed)
+        self._merge_rng = EpisodeRandomness(cfg.merge_seed)  # the merge's draws, per episode
         if cfg.pool_dir:
             self.load_pool(cfg.pool_dir)
 
@@ -378,9 +381,14 @@ class AMT(ProtoNetLoRA):
         return [{k: v.to(device) for k, v in m["tensors"].items()} for m in self.members]
 
     @torch.no_grad()
-    def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor) -> nn.Module:
+    def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor, *,
+                           episode: EpisodeKey | None = None) -> nn.Module:
+        """The merged pool's classifier for one episode. Its random draws (the scoring's augmentation,
+        AMT-FT's fine-tuning) are the episode's own, from (``merge_seed`` or ``seed``, the
+        episode's key): a rerun of the episode repeats them; None: a generator that advances from call to
+        call, as the authors' global one (``methods/episode_rng.py``)."""
         if not self.members:
-            return super().episode_classifier(support_x, support_y)
+            return super().episode_classifier(support_x, support_y, episode=episode)
         cfg = self.cfg
         device = next(self.model.parameters()).device
         support_x, support_y = support_x.to(device), support_y.to(device).long()
@@ -391,9 +399,8 @@ class AMT(ProtoNetLoRA):
             if len(states) == 1:
                 weights = torch.ones(1)
             else:
-                # one augmentation draw per episode, shared by every member (each episode's draw comes from
-                # merge_seed, so results do not depend on the order episodes are evaluated in)
-                gen = torch.Generator().manual_seed(cfg.merge_seed)
+                # one augmentation draw per episode, shared by every member
+                gen = self._merge_rng.generator(episode, MERGE_AUGMENT)
                 backbone = self.model.backbone
                 aug = diff_augment(support_x, gen, cfg.merge_aug_p, mean=getattr(backbone, "mean", None),
                                    std=getattr(backbone, "std", None))
@@ -411,7 +418,8 @@ class AMT(ProtoNetLoRA):
         self._merge_n += 1
         scale = sum(float(w) * s["scale_cls"] for w, s in zip(weights, states))
         bias = sum(float(w) * s.get("bias", torch.zeros(1)).to(device) for w, s in zip(weights, states))
-        return self.build_classifier(support_x, support_y, ways, scale, bias, overrides=ov)  # AMT-FT: test_time_ft_steps
+        return self.build_classifier(support_x, support_y, ways, scale, bias, overrides=ov,  # AMT-FT: test_time_ft_steps
+                                     episode=episode)
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()

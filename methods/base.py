@@ -336,8 +336,12 @@ class Method:
         """The network that is evaluated and attacked (inputs in [0, 1], logits out)."""
         return self.model
 
-    def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor) -> nn.Module:
-        """Episodic methods: a module mapping query images to logits over the episode's classes."""
+    def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor, *,
+                           episode: int | tuple[int, ...] | None = None) -> nn.Module:
+        """Episodic methods: a module mapping query images to logits over the episode's classes. ``episode``
+        is the episode's key (bench passes ``(sampler seed, episode index)``): a method with random test-time
+        draws derives them from it, so episodes differ and a rerun of one repeats it; None: no key (e.g.
+        draws that advance from call to call, ``methods/episode_rng.py``)."""
         raise NotImplementedError(f"{self.name} is not an episodic method")
 
     # --- state --------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ Test-time fine-tuning (``test_time_ft_steps`` > 0; PMF's ``ProtoNet_Finetune``):
 backbone's weights is trained with Adam (betas 0.9/0.999, no weight decay) for ``test_time_ft_steps`` steps on
 the cross-entropy of DiffAugment'ed support images against prototypes of the clean support recomputed with the
 current weights; scale and bias stay. The copy is a parameter dictionary for ``torch.func.functional_call``:
-the trained model is never edited, so nothing carries over from one episode to the next.
+the trained model is never edited, so nothing carries over from one episode to the next. The augmentation
+draws are the episode's own, from (``seed``, the episode's key) (``methods/episode_rng.py``): episodes get
+different draws (PMF's global generator advances across episodes too), and a rerun of an episode repeats them.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from methods.attacks import eval_mode
 from methods.base import EpisodicConfig, Method, TrainContext, freeze
+from methods.episode_rng import FINETUNE, EpisodeKey, EpisodeRandomness
 from methods.lora_svd import apply_svd_lora
 from methods.merge import diff_augment
 from methods.registry import register_method
@@ -224,6 +227,7 @@ class ProtoNetMethod(Method):
         super().__init__(cfg, backbone, num_classes)
         self.model = ProtoNet(backbone, cfg.scale_init, cfg.learn_bias, cfg.freeze_norm)
         self._steps_per_epoch = cfg.episodes_per_epoch
+        self._ft_rng = EpisodeRandomness(cfg.seed)  # test-time fine-tuning's draws, per episode
 
     # --- schedule -----------------------------------------------------------------------------------
     def lr_at(self, epoch: int, step: int, steps_per_epoch: int | None = None) -> float:
@@ -257,20 +261,23 @@ class ProtoNetMethod(Method):
 
     # --- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor) -> nn.Module:
+    def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor, *,
+                           episode: EpisodeKey | None = None) -> nn.Module:
         device = next(self.model.parameters()).device
         support_x, support_y = support_x.to(device), support_y.to(device).long()
         ways = int(support_y.max()) + 1
-        return self.build_classifier(support_x, support_y, ways, self.model.scale_cls, self.model.bias)
+        return self.build_classifier(support_x, support_y, ways, self.model.scale_cls, self.model.bias,
+                                     episode=episode)
 
     def build_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor, ways: int, scale, bias,
-                         overrides: dict[str, torch.Tensor] | None = None) -> ProtoClassifier:
+                         overrides: dict[str, torch.Tensor] | None = None, *,
+                         episode: EpisodeKey | None = None) -> ProtoClassifier:
         """The episode's classifier over ``overrides`` (None: the model's weights), fine-tuned on the
-        augmented support first when ``test_time_ft_steps`` > 0."""
+        augmented support first when ``test_time_ft_steps`` > 0, with the draws of ``episode`` (its key;
+        None: the next draws of a generator that advances from call to call, ``methods/episode_rng.py``)."""
         cfg = self.cfg
         if cfg.test_time_ft_steps > 0 and cfg.test_time_ft_lr > 0:
-            # one seed per call: the same episode gets the same fine-tuning, whatever ran before it
-            gen = torch.Generator().manual_seed(cfg.seed)
+            gen = self._ft_rng.generator(episode, FINETUNE)
             overrides = finetune_on_support(self.model, support_x, support_y, ways, steps=cfg.test_time_ft_steps,
                                             lr=cfg.test_time_ft_lr, aug_p=cfg.test_time_ft_aug_p,
                                             scale=torch.as_tensor(scale), bias=torch.as_tensor(bias),

@@ -23,6 +23,7 @@ from methods import get_method
 from methods.amt import AMT, AMTConfig, kl_clean_adv, pool_eps_list, pyramid_attack
 from methods.attacks import eval_mode
 from methods.base import Episode, TrainContext
+from methods.episode_rng import FINETUNE, MERGE_AUGMENT, MERGE_TRIM, EpisodeRandomness, episode_seed
 from methods.lora_svd import apply_svd_lora, lora_sites, site_keys, site_weight
 from methods.merge import merge_weights, merged_overrides, trim_rank
 from methods.pmf import PMF, ProtoNetLoRA, prototypes
@@ -471,17 +472,17 @@ def test_test_time_finetuning_fits_the_support_and_does_not_leak(name, over):
     # DiffAugment's colour shifts, so only this variant must lower it)
     unaugmented = make_method(name, test_time_ft_steps=8, test_time_ft_lr=1e-3, test_time_ft_aug_p=0.0, **over)
     weights = {n: p.detach().clone() for n, p in tuned.model.state_dict().items()}
-    clf0, clf1 = plain.episode_classifier(ep.support_x, ep.support_y), tuned.episode_classifier(ep.support_x,
-                                                                                                ep.support_y)
+    clf0 = plain.episode_classifier(ep.support_x, ep.support_y, episode=(0, 0))
+    clf1 = tuned.episode_classifier(ep.support_x, ep.support_y, episode=(0, 0))
     assert not torch.allclose(_logits(clf0, ep.query_x), _logits(clf1, ep.query_x))  # the classifier changed
-    fitted = unaugmented.episode_classifier(ep.support_x, ep.support_y)
+    fitted = unaugmented.episode_classifier(ep.support_x, ep.support_y, episode=(0, 0))
     assert _support_loss(fitted, ep) < _support_loss(clf0, ep) - 0.05  # and fits its support better
     # nothing carries over: the model is untouched, and an episode's classifier is the same after another
-    tuned.episode_classifier(other.support_x, other.support_y)
+    tuned.episode_classifier(other.support_x, other.support_y, episode=(0, 1))
     for n, t in tuned.model.state_dict().items():
         assert torch.equal(t, weights[n]), n
-    again = tuned.episode_classifier(ep.support_x, ep.support_y)
-    torch.testing.assert_close(_logits(again, ep.query_x), _logits(clf1, ep.query_x))
+    again = tuned.episode_classifier(ep.support_x, ep.support_y, episode=(0, 0))
+    assert torch.equal(_logits(again, ep.query_x), _logits(clf1, ep.query_x))
 
 
 @pytest.mark.parametrize("over, expected", [
@@ -529,7 +530,11 @@ class _Constant(nn.Module):
 
 
 class _Method:
-    def episode_classifier(self, sx, sy):
+    def __init__(self):
+        self.keys = []  # the episode keys evaluate_fewshot passed
+
+    def episode_classifier(self, sx, sy, *, episode=None):
+        self.keys.append(episode)
         return _Constant(int(sy.max()) + 1)
 
 
@@ -817,10 +822,10 @@ def test_merge_scores_every_member_on_one_shared_augmentation_draw():
     members = random_members(method, 3, scale=0.2)
     method.members = [{"eps": e, "adapter": "", "tensors": t} for e, t in zip([0.1, 6.0, 8.0], members)]
     sx, sy = episode(3).support_x, episode(3).support_y
-    method.episode_classifier(sx, sy)
+    method.episode_classifier(sx, sy, episode=(1234, 5))
     backbone, enc = method.model.backbone, method.model.backbone.encoder
-    aug = diff_augment(sx, torch.Generator().manual_seed(method.cfg.merge_seed), method.cfg.merge_aug_p,
-                       mean=backbone.mean, std=backbone.std)
+    gen = torch.Generator().manual_seed(episode_seed(method.cfg.merge_seed, (1234, 5), MERGE_AUGMENT))
+    aug = diff_augment(sx, gen, method.cfg.merge_aug_p, mean=backbone.mean, std=backbone.std)
     scores = []
     with torch.no_grad():
         for m in members:
@@ -829,6 +834,106 @@ def test_merge_scores_every_member_on_one_shared_augmentation_draw():
             scores.append(support_score(f[0], f[1], sy, 3, method.cfg.merge_lambda))
     expected = merge_weights(torch.tensor(scores), 6.0, 3)
     torch.testing.assert_close(torch.tensor(method.last_merge), expected, atol=1e-5, rtol=1e-4)
+
+
+# --- per-episode randomness: AMT's merge draws, PMF's fine-tuning draws (methods/episode_rng.py) -----------
+@pytest.mark.parametrize("a, b", [
+    ((1234, (1234, 0), 0), (1234, (1234, 1), 0)),  # the next episode
+    ((1234, (1234, 0), 0), (1234, (11234, 0), 0)),  # the same index of another sampler (validation vs test)
+    ((1234, (1234, 0), 0), (1234, (1234, 0), 1)),  # another stream of the same episode
+    ((1234, (1234, 0), 0), (0, (1234, 0), 0)),  # another seed
+    ((5, (), 0), (5, (0,), 0)),  # SeedSequence pads with zeros: the length word keeps these apart
+    ((5, (2**32,), 0), (5, (0, 1), 0)),  # ... and splits big integers into 32-bit words: the fixed width does
+    ((0, (1_000_003,), 0), (1, (0,), 0)),  # where seed * 1_000_003 + episode would collide
+])
+def test_episode_seeds_differ_between_keys(a, b):
+    assert episode_seed(*a) != episode_seed(*b)
+
+
+def test_episode_seed_is_pinned_and_in_range():
+    # pinned: a change of the mixing changes every episode's draws, hence every AMT/PMF result
+    assert episode_seed(1234, 7) == episode_seed(1234, (7,)) == 6120834123166468323
+    assert all(0 <= episode_seed(s, k) < 2**63 for s, k in [(2**70, (-1, 3)), (-5, 0), (0, ())])
+
+
+def test_without_a_key_the_draws_advance_from_call_to_call():
+    a, b = EpisodeRandomness(7), EpisodeRandomness(7)
+    first, second = (torch.rand(3, generator=a.generator(None, MERGE_AUGMENT)) for _ in range(2))
+    assert not torch.equal(first, second)  # episodes differ, as under the authors' global generator
+    assert torch.equal(first, torch.rand(3, generator=b.generator(None, MERGE_AUGMENT)))  # reproducible from the start
+    s1, s2 = a.seed_for(None, MERGE_TRIM), a.seed_for(None, MERGE_TRIM)
+    assert s1 != s2 and s1 == b.seed_for(None, MERGE_TRIM)
+    # a keyed episode ignores what ran before it
+    assert torch.equal(torch.rand(3, generator=a.generator((0, 4), FINETUNE)),
+                       torch.rand(3, generator=EpisodeRandomness(7).generator((0, 4), FINETUNE)))
+    assert a.seed_for((0, 4), MERGE_TRIM) == episode_seed(7, (0, 4), MERGE_TRIM)
+
+
+def test_evaluate_fewshot_passes_the_sampler_seed_and_the_episode_index():
+    method, sampler = _Method(), _Sampler([0.5, 0.5, 0.5])
+    sampler.seed = 11234
+    evaluate_fewshot(method, sampler, 3, AMTConfig(), attack=False, progress=False)
+    assert method.keys == [(11234, 0), (11234, 1), (11234, 2)]
+
+
+def _pool_method(n_members=3, **over):
+    method = make_method("amt", merge_top_k=3, **over)
+    members = random_members(method, n_members, scale=0.2)
+    method.members = [{"eps": e, "adapter": "", "tensors": t} for e, t in zip([0.1, 6.0, 8.0], members)]
+    return method
+
+
+@pytest.mark.parametrize("key_a, key_b, same", [
+    ((1234, 0), (1234, 0), True),  # a rerun of the episode, other episodes in between
+    ((1234, 0), (1234, 1), False),  # the next episode (before: the same draw for every episode)
+    ((1234, 0), (11234, 0), False),  # the same index of another sampler
+    (None, None, False),  # no key: the generator advances
+])
+def test_merge_scoring_draw_is_the_episodes_own(monkeypatch, key_a, key_b, same):
+    import methods.amt as amt_module
+
+    method = _pool_method(merge_aug_p=1.0)  # always augmented: different draws give different images
+    real, seen = amt_module.diff_augment, []
+    monkeypatch.setattr(amt_module, "diff_augment", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    sx, sy = episode(3).support_x, episode(3).support_y
+    method.episode_classifier(sx, sy, episode=key_a)
+    aug_a, w_a = seen[-1], method.last_merge
+    method.episode_classifier(episode(4).support_x, episode(4).support_y, episode=(99, 99))
+    method.episode_classifier(sx, sy, episode=key_b)
+    aug_b, w_b = seen[-1], method.last_merge
+    assert torch.equal(aug_a, aug_b) is same
+    if same:
+        assert w_a == w_b
+
+
+def test_merge_draws_over_episodes_augment_about_p_and_flip_about_half():
+    from methods.merge import diff_augment
+
+    rng = EpisodeRandomness(1234)
+    ramp = torch.linspace(0, 1, 8).view(1, 1, 1, 8).expand(4, 3, 8, 8)  # a flip reverses its left/right order
+    applied = flipped = 0
+    for i in range(200):
+        out = diff_augment(ramp, rng.generator((11234, i), MERGE_AUGMENT), 0.9, translation=0.0)
+        if not torch.equal(out, ramp):
+            applied += 1
+            flipped += bool(out[0, :, :, -1].mean() < out[0, :, :, 0].mean())
+    assert 165 <= applied <= 195 and 0.35 <= flipped / applied <= 0.65  # before: 200 and 200, or 0 and 0
+
+
+@pytest.mark.parametrize("name, over", [("pmf", {}), ("amt", {"member_eps": 8.0})])
+@pytest.mark.parametrize("key_a, key_b, same", [
+    ((0, 0), (0, 0), True),  # a rerun of the episode, another episode in between
+    ((0, 0), (0, 1), False),  # the next episode (before: the same 100 draws for every episode)
+    ((1234, 0), (10000, 0), False),  # the same index of another sampler
+    (None, None, False),  # no key: the generator advances
+])
+def test_finetuning_draws_are_the_episodes_own(name, over, key_a, key_b, same):
+    ep, other = episode(0), episode(1)
+    method = make_method(name, test_time_ft_steps=2, test_time_ft_lr=1e-3, test_time_ft_aug_p=1.0, **over)
+    a = _logits(method.episode_classifier(ep.support_x, ep.support_y, episode=key_a), ep.query_x)
+    method.episode_classifier(other.support_x, other.support_y, episode=(5, 5))
+    b = _logits(method.episode_classifier(ep.support_x, ep.support_y, episode=key_b), ep.query_x)
+    assert torch.equal(a, b) is same
 
 
 # --- AutoAttack on the episodes' queries -----------------------------------------------------------------
