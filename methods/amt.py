@@ -33,8 +33,8 @@ from torch import nn
 from methods.attacks import eval_mode
 from methods.amt_pool import member_runs, pool_eps_list, write_manifest  # noqa: F401 (pool_eps_list: API)
 from methods.base import TrainContext, setting
-from methods.episode_rng import MERGE_AUGMENT, EpisodeKey, EpisodeRandomness
-from methods.merge import diff_augment, merge_weights, merged_overrides, support_score
+from methods.episode_rng import MERGE_AUGMENT, MERGE_TRIM, EpisodeKey, EpisodeRandomness
+from methods.merge import TRIM_SVDS, diff_augment, merge_weights, merged_overrides, support_score
 from methods.pmf import ProtoNetLoRA, ProtoNetLoRAConfig, episode_to, prototypes
 from methods.registry import register_method
 
@@ -84,9 +84,12 @@ class AMTConfig(ProtoNetLoRAConfig):
     trim_rho: float = setting(1.0, role="pool", doc="fraction of the rank kept by singular-value trimming of "
                                                     "merged weights; 1 = off")
     trim_modules: str = setting(".*", role="pool", doc="regex over adapted layer names that trimming applies to")
+    trim_svd: str = setting("exact", role="pool",
+                            doc="trimming's SVD: exact (the best rank-q approximation) or lowrank (the authors' "
+                                "randomised torch.svd_lowrank, niter 2, seeded per episode from merge_seed)")
     merge_aug_p: float = setting(0.9, role="pool", doc="DiffAugment probability for support scoring")
-    merge_seed: int = setting(1234, role="pool", doc="seed of the merge's per-episode augmentation draws, mixed "
-                                                     "with each episode's key")
+    merge_seed: int = setting(1234, role="pool", doc="seed of the merge's per-episode draws (augmentation, "
+                                                     "lowrank trimming), mixed with each episode's key")
     # Inherited fields that only the merged pool's test evaluation reads (a member is trained and validated
     # without them): redeclared with the inherited default, role "pool".
     adapter_path: str | None = setting(ProtoNetLoRAConfig.adapter_path, role="pool")
@@ -121,6 +124,8 @@ class AMTConfig(ProtoNetLoRAConfig):
             raise ValueError(f"merge_lambda={self.merge_lambda} must be in [0, 1]")
         if not 0.0 < self.trim_rho <= 1.0:
             raise ValueError(f"trim_rho={self.trim_rho} must be in (0, 1]")
+        if self.trim_svd not in TRIM_SVDS:
+            raise ValueError(f"trim_svd={self.trim_svd!r}; valid: {', '.join(TRIM_SVDS)}")
         if self.merge_top_k <= 0:
             raise ValueError(f"merge_top_k={self.merge_top_k} must be positive")
         for e in self.pool_eps + ([self.member_eps] if self.member_eps is not None else []):
@@ -383,8 +388,8 @@ class AMT(ProtoNetLoRA):
     @torch.no_grad()
     def episode_classifier(self, support_x: torch.Tensor, support_y: torch.Tensor, *,
                            episode: EpisodeKey | None = None) -> nn.Module:
-        """The merged pool's classifier for one episode. Its random draws (the scoring's augmentation,
-        AMT-FT's fine-tuning) are the episode's own, from (``merge_seed`` or ``seed``, the
+        """The merged pool's classifier for one episode. Its random draws (the scoring's augmentation, the
+        lowrank trimming, AMT-FT's fine-tuning) are the episode's own, from (``merge_seed`` or ``seed``, the
         episode's key): a rerun of the episode repeats them; None: a generator that advances from call to
         call, as the authors' global one (``methods/episode_rng.py``)."""
         if not self.members:
@@ -411,8 +416,10 @@ class AMT(ProtoNetLoRA):
                     f_aug = torch.func.functional_call(self.model, ov, (aug,), strict=False).float()
                     scores.append(support_score(f_clean, f_aug, support_y, ways, cfg.merge_lambda))
                 weights = merge_weights(torch.tensor(scores), cfg.merge_beta, cfg.merge_top_k)
+            lowrank = cfg.trim_svd == "lowrank" and cfg.trim_rho < 1.0
             ov = merged_overrides(root, states, weights.tolist(), prefix=prefix, rho=cfg.trim_rho,
-                                  trim_pattern=cfg.trim_modules)
+                                  trim_pattern=cfg.trim_modules, svd=cfg.trim_svd,
+                                  svd_seed=self._merge_rng.seed_for(episode, MERGE_TRIM) if lowrank else None)
         self.last_merge = weights.tolist()
         self._merge_sum = [a + b for a, b in zip(self._merge_sum or [0.0] * len(weights), self.last_merge)]
         self._merge_n += 1
@@ -426,7 +433,8 @@ class AMT(ProtoNetLoRA):
         if self.members:
             out["pool"] = [{"eps": m["eps"], "adapter": m["adapter"]} for m in self.members]
             out["merge"] = {"top_k": self.cfg.merge_top_k, "lambda": self.cfg.merge_lambda,
-                            "beta": self.cfg.merge_beta, "trim_rho": self.cfg.trim_rho}
+                            "beta": self.cfg.merge_beta, "trim_rho": self.cfg.trim_rho,
+                            "trim_svd": self.cfg.trim_svd}
             if self._merge_n:  # mean weight of each member over the episodes merged so far
                 out["merge"]["mean_weights"] = [w / self._merge_n for w in self._merge_sum]
         else:

@@ -4,7 +4,7 @@ Per episode: one DiffAugment draw of the support, shared by every member; each m
 (augmented support against its clean-support prototypes, ``s_p = lam * intra - (1 - lam) * inter``), weighted ``w_p = exp(beta (s_p - 1))`` over the
 top-k members and renormalised, and the network runs with ``W = W_res + sum_p w_p s B_p A_p`` at every
 adapted layer, optionally with singular-value trimming (rank ``floor(rho * min(m, n))``) of the merged
-weights.
+weights, exact or the authors' randomised ``torch.svd_lowrank``.
 
 Nothing here edits the model: merged weights are parameter overrides for ``torch.func.functional_call``.
 """
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from methods.episode_rng import seeded_global_rng
 from methods.lora_svd import lora_sites, site_delta, site_keys
 
 
@@ -30,38 +32,60 @@ def merge_weights(scores: torch.Tensor, beta: float, top_k: int) -> torch.Tensor
     return w.float()
 
 
-def trim_rank(W: torch.Tensor, rho: float) -> torch.Tensor:
-    """Best rank ``floor(rho * min(m, n))`` approximation of ``W`` (convs over (out, in*k*k)); rho >= 1: ``W``."""
+TRIM_SVDS = ("exact", "lowrank")
+
+
+def trim_rank(W: torch.Tensor, rho: float, svd: str = "exact", seed: int | None = None) -> torch.Tensor:
+    """Rank ``q = floor(rho * min(m, n))`` approximation of ``W`` (convs over (out, in*k*k)); rho >= 1: ``W``.
+
+    ``svd="exact"``: the best rank-q approximation (``torch.linalg.svd``). ``"lowrank"``: the authors'
+    ``torch.svd_lowrank(W, q=q, niter=2)`` in fp32 (their layers_merge.py ``svd_trim``): randomised and
+    without oversampling, so not the best rank-q approximation (a 3-7% larger residual) and different from
+    draw to draw. It draws from torch's global generator of ``W``'s device: with ``seed``, seeded with it
+    for this call and restored after (``seeded_global_rng``); None: as that generator stands.
+    """
+    if svd not in TRIM_SVDS:
+        raise ValueError(f"svd={svd!r}; valid: {', '.join(TRIM_SVDS)}")
     if rho >= 1.0:
         return W
     W2 = W.reshape(W.shape[0], -1).float()
     q = max(1, int(math.floor(rho * min(W2.shape))))
-    U, S, Vh = torch.linalg.svd(W2, full_matrices=False)
-    return ((U[:, :q] * S[:q]) @ Vh[:q]).reshape(W.shape).to(W.dtype)
+    if svd == "exact":
+        U, S, Vh = torch.linalg.svd(W2, full_matrices=False)
+        return ((U[:, :q] * S[:q]) @ Vh[:q]).reshape(W.shape).to(W.dtype)
+    with seeded_global_rng(seed, W.device) if seed is not None else nullcontext():
+        U, S, V = torch.svd_lowrank(W2, q=q, niter=2)
+    return ((U * S) @ V.mT).reshape(W.shape).to(W.dtype)
 
 
 def merged_overrides(root: torch.nn.Module, members: list[dict[str, torch.Tensor]], weights,
-                     prefix: str = "", rho: float = 1.0, trim_pattern: str = ".*") -> dict[str, torch.Tensor]:
+                     prefix: str = "", rho: float = 1.0, trim_pattern: str = ".*", svd: str = "exact",
+                     svd_seed: int | None = None) -> dict[str, torch.Tensor]:
     """Parameter overrides (names relative to the module ``functional_call`` runs) realising the merge.
 
     ``root`` is the module holding the LoRA sites; ``prefix`` is its name inside the called module;
     ``members`` are member states keyed like the called module's parameters. Each site's base weight
     becomes ``W_res + sum_p w_p delta_p`` (trimmed when rho < 1 and the site matches ``trim_pattern``)
-    and its LoRA ``B`` becomes zero, so the LoRA branch adds nothing.
+    and its LoRA ``B`` becomes zero, so the LoRA branch adds nothing. ``svd`` is ``trim_rank``'s; with
+    "lowrank" and ``svd_seed``, the global generator is seeded once for the whole merge and the trimmed
+    layers draw one after the other in site order, as the authors' single forward does.
     """
     weights = [float(w) for w in weights]
     out: dict[str, torch.Tensor] = {}
-    for name, m in lora_sites(root).items():
-        keys = {k: prefix + v for k, v in site_keys(name, m).items()}
-        W = root.get_parameter(site_keys(name, m)["W"]).detach()
-        merged = W.clone()
-        for w, state in zip(weights, members):
-            if w != 0.0:
-                merged = merged + w * site_delta(m, state[keys["A"]].to(W), state[keys["B"]].to(W))
-        if rho < 1.0 and re.fullmatch(trim_pattern, name):
-            merged = trim_rank(merged, rho)
-        out[keys["W"]] = merged
-        out[keys["B"]] = torch.zeros_like(root.get_parameter(site_keys(name, m)["B"]))
+    seeded = svd == "lowrank" and rho < 1.0 and svd_seed is not None
+    device = next(iter(root.parameters())).device
+    with seeded_global_rng(svd_seed, device) if seeded else nullcontext():
+        for name, m in lora_sites(root).items():
+            keys = {k: prefix + v for k, v in site_keys(name, m).items()}
+            W = root.get_parameter(site_keys(name, m)["W"]).detach()
+            merged = W.clone()
+            for w, state in zip(weights, members):
+                if w != 0.0:
+                    merged = merged + w * site_delta(m, state[keys["A"]].to(W), state[keys["B"]].to(W))
+            if rho < 1.0 and re.fullmatch(trim_pattern, name):
+                merged = trim_rank(merged, rho, svd)
+            out[keys["W"]] = merged
+            out[keys["B"]] = torch.zeros_like(root.get_parameter(site_keys(name, m)["B"]))
     return out
 
 

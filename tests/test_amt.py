@@ -157,6 +157,44 @@ def test_trimming_with_rho_one_changes_nothing_and_trims_otherwise():
     assert trim_rank(conv, 0.5).shape == conv.shape
 
 
+def test_exact_trimming_is_the_best_rank_q_approximation_as_before():
+    W = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    previous = (U[:, :4] * S[:4]) @ Vh[:4]  # trim_rank's formula before trim_svd existed
+    assert torch.equal(trim_rank(W, 0.5), previous) and torch.equal(trim_rank(W, 0.5, "exact", seed=3), previous)
+    assert float((W - previous).norm() ** 2) == pytest.approx(float((S[4:] ** 2).sum()), rel=1e-5)  # Eckart-Young
+    with pytest.raises(ValueError, match="svd='randomized'; valid: exact, lowrank"):
+        trim_rank(W, 0.5, "randomized")
+
+
+@pytest.mark.parametrize("shape, rho", [((12, 8), 0.5), ((6, 3, 3, 3), 0.5), ((40, 24), 0.25)])
+def test_lowrank_trimming_is_torch_svd_lowrank_with_the_same_seed(shape, rho):
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    W2 = W.reshape(shape[0], -1)
+    q = int(rho * min(W2.shape))
+    state = torch.get_rng_state()
+    got = trim_rank(W, rho, "lowrank", seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's global generator is left as it was
+    torch.manual_seed(7)
+    U, S, V = torch.svd_lowrank(W2, q=q, niter=2)  # the authors' call (layers_merge.py svd_trim)
+    torch.testing.assert_close(got, (U @ torch.diag(S) @ V.T).reshape(shape), atol=1e-6, rtol=1e-6)
+    assert torch.linalg.matrix_rank(got.reshape(shape[0], -1)) == q
+    assert not torch.allclose(got, trim_rank(W, rho, "lowrank", seed=8), atol=1e-3)  # another draw, another result
+    assert float((W - got).norm()) >= float((W - trim_rank(W, rho)).norm()) - 1e-5  # not the best rank q
+
+
+def test_lowrank_merge_seeds_once_and_trims_the_layers_one_after_the_other():
+    method = make_method()
+    members = random_members(method, 2)
+    enc, prefix = method.model.backbone.encoder, "backbone.encoder."
+    plain = merged_overrides(enc, members, [0.5, 0.5], prefix=prefix)
+    got = merged_overrides(enc, members, [0.5, 0.5], prefix=prefix, rho=0.5, svd="lowrank", svd_seed=11)
+    torch.manual_seed(11)  # one seed, then the global generator advances layer after layer (the authors' forward)
+    for name, m in lora_sites(enc).items():
+        key = prefix + site_keys(name, m)["W"]
+        torch.testing.assert_close(got[key], trim_rank(plain[key], 0.5, "lowrank"), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("scores, beta, k, expected_nonzero", [
     ([0.9, 0.5, 0.7, 0.1], 6.0, 2, [0, 2]),
     ([0.2, 0.3], 1.0, 2, [0, 1]),
@@ -503,6 +541,7 @@ def test_recipe_fills_the_fields_left_unset(over, expected):
     ({"pyramid_projection": "sum"}, "pyramid_projection"),
     ({"fewshot_autoattack": "fast"}, "fewshot_autoattack"),
     ({"fewshot_autoattack": "standard", "ways": 3}, "ways >= 4"),
+    ({"trim_svd": "randomized"}, "trim_svd='randomized'; valid: exact, lowrank"),
 ])
 def test_bad_amt_settings_fail_in_one_line(over, match):
     from bench.config import ConfigError
@@ -660,7 +699,7 @@ def test_pool_members_are_runs_needed_first_and_assemble_writes_the_manifest(tmp
 
 @pytest.mark.parametrize("change, same_member", [
     ({"merge_beta": 2.0}, True), ({"merge_lambda": 0.1}, True), ({"merge_top_k": 1}, True),
-    ({"trim_rho": 0.5}, True), ({"episodes": 7}, True), ({"pool_size": 2}, True), ({"channels_last": True}, True),
+    ({"trim_rho": 0.5}, True), ({"trim_svd": "lowrank"}, True), ({"episodes": 7}, True), ({"pool_size": 2}, True), ({"channels_last": True}, True),
     ({"rank": 2}, False), ({"lambda_adv": 1.0}, False), ({"seed": 1}, False), ({"epochs": 3}, False),
     ({"lr": 0.1}, False), ({"backbone": "cifar_resnet18_aa"}, False),
 ])
@@ -920,6 +959,28 @@ def test_merge_draws_over_episodes_augment_about_p_and_flip_about_half():
     assert 165 <= applied <= 195 and 0.35 <= flipped / applied <= 0.65  # before: 200 and 200, or 0 and 0
 
 
+@pytest.mark.parametrize("trim_svd, key_b, same", [
+    ("lowrank", (1234, 0), True),  # a rerun repeats the random projections
+    ("lowrank", (1234, 1), False),  # another episode, another draw
+    ("exact", (1234, 1), True),  # the exact SVD draws nothing
+])
+def test_trimming_of_an_episode(trim_svd, key_b, same):
+    method = _pool_method(n_members=1, trim_rho=0.5, trim_svd=trim_svd)  # one member: weight 1, no scoring draw
+    sx, sy = episode(3).support_x, episode(3).support_y
+    enc, prefix = method.model.backbone.encoder, "backbone.encoder."
+    a = method.episode_classifier(sx, sy, episode=(1234, 0)).overrides
+    method.episode_classifier(sx, sy, episode=(99, 99))
+    b = method.episode_classifier(sx, sy, episode=key_b).overrides
+    keys = [prefix + site_keys(n, m)["W"] for n, m in lora_sites(enc).items()]
+    assert all(torch.equal(a[k], b[k]) for k in keys) is same
+    # the trimmed weights are the untrimmed merge's, trimmed as trim_rank does with the episode's seed
+    plain = merged_overrides(enc, [method.members[0]["tensors"]], [1.0], prefix=prefix)
+    torch.manual_seed(episode_seed(method.cfg.merge_seed, (1234, 0), MERGE_TRIM))
+    for k in keys:
+        torch.testing.assert_close(a[k], trim_rank(plain[k], 0.5, trim_svd), atol=1e-5, rtol=1e-5)
+    assert method.summary()["merge"]["trim_svd"] == trim_svd
+
+
 @pytest.mark.parametrize("name, over", [("pmf", {}), ("amt", {"member_eps": 8.0})])
 @pytest.mark.parametrize("key_a, key_b, same", [
     ((0, 0), (0, 0), True),  # a rerun of the episode, another episode in between
@@ -934,6 +995,15 @@ def test_finetuning_draws_are_the_episodes_own(name, over, key_a, key_b, same):
     method.episode_classifier(other.support_x, other.support_y, episode=(5, 5))
     b = _logits(method.episode_classifier(ep.support_x, ep.support_y, episode=key_b), ep.query_x)
     assert torch.equal(a, b) is same
+
+
+def test_trim_svd_is_a_pool_setting_and_the_paper_preset_uses_the_authors_lowrank():
+    from bench.sweep.space import load_sweep
+    from methods.base import field_roles
+
+    assert field_roles(AMTConfig)["trim_svd"] == "pool" and AMTConfig().trim_svd == "exact"
+    spec = load_sweep(ROOT / "tune_spaces" / "paper_amt.yaml")
+    assert resolve_config("amt", spec.overrides("amt", 0, {})).trim_svd == "lowrank"
 
 
 # --- AutoAttack on the episodes' queries -----------------------------------------------------------------
