@@ -4,6 +4,11 @@ each run's config and folder name, whether it finished, and the assembly of the 
 A run's folder is named by its config (``<method>-<hash>-s<seed>``, the hash over every field but the
 speed switches), so trials that need the same run find it in the same folder and it is trained once.
 Runs are validation-only trials (no test evaluation): their ``result.json`` has ``"stage": "validation"``.
+
+Paths inside a run's or an assembled trial's own folder are recorded relative to it (``RUN_DIR``, e.g. a
+member's ``{run_dir}/adapter.pt``, a merging trial's ``pool_dir: {run_dir}/.``) and filled in only when the
+trial builds its method (``in_run_dir``): a folder restored on another node (no shared disk, Tune's
+``--storage``) or moved whole is the same run, with the same args.yaml and config hash.
 """
 from __future__ import annotations
 
@@ -25,10 +30,29 @@ class PrerequisiteRun:
     method: str
     config: dict[str, Any]  # the resolved config, RUN_DIR not yet replaced
 
-    def resolved(self, run_dir: str | Path) -> BaseConfig:
-        """The run's config for running in ``run_dir``."""
-        values = {k: _fill(v, str(Path(run_dir).resolve())) for k, v in self.config.items() if k != "method"}
-        return resolve_config(self.method, values)
+    def resolved(self) -> BaseConfig:
+        """The run's config, as recorded in whichever folder it runs (``RUN_DIR`` kept)."""
+        return resolve_config(self.method, {k: v for k, v in self.config.items() if k != "method"})
+
+
+def in_run_dir(cfg: BaseConfig, run_dir: str | Path) -> BaseConfig:
+    """``cfg`` with ``RUN_DIR`` in its string fields replaced by ``run_dir`` (absolute): the config the
+    method reads; the recorded one keeps ``RUN_DIR``."""
+    filled = {k: _fill(v, str(Path(run_dir).resolve())) for k, v in cfg.to_dict().items() if k != "method"}
+    return cfg if filled == {k: v for k, v in cfg.to_dict().items() if k != "method"} \
+        else resolve_config(cfg.method, filled)
+
+
+def _in_run_dir_form(value: Any, run_dir: Path) -> Any:
+    """A path under ``run_dir`` as ``RUN_DIR[/relative]``; anything else as it is."""
+    if not isinstance(value, str) or not value or RUN_DIR in value:
+        return value
+    path = Path(value).resolve()
+    if path == run_dir:  # not RUN_DIR alone: config values are read as YAML, where "{run_dir}" is a mapping
+        return f"{RUN_DIR}/."
+    if path.is_relative_to(run_dir):
+        return f"{RUN_DIR}/{path.relative_to(run_dir).as_posix()}"
+    return value
 
 
 def _fill(value: Any, run_dir: str) -> Any:
@@ -62,7 +86,8 @@ def finished_result(run_dir: str | Path) -> dict | None:
 
 def assemble(cfg: BaseConfig, root: str | Path, out_dir: str | Path) -> BaseConfig:
     """The trial to run once ``cfg``'s prerequisite runs finished in ``root/<name>``: the method's
-    ``assemble`` overrides applied to ``cfg`` (``cfg`` itself when it needs no runs)."""
+    ``assemble`` overrides applied to ``cfg`` (``cfg`` itself when it needs no runs), paths under
+    ``out_dir`` in ``RUN_DIR`` form."""
     runs = prerequisite_runs(cfg)
     if not runs:
         return cfg
@@ -76,6 +101,8 @@ def assemble(cfg: BaseConfig, root: str | Path, out_dir: str | Path) -> BaseConf
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = get_method(cfg.method).assemble(cfg, finished, out_dir)
+    # what the method wrote into the trial's folder is recorded relative to it (the folder may move)
+    overrides = {k: _in_run_dir_form(v, out_dir.resolve()) for k, v in overrides.items()}
     assembled = with_overrides(cfg, overrides)
     if prerequisite_runs(assembled):
         raise ValueError(f"{cfg.method}.assemble left a config that still needs runs first")

@@ -22,6 +22,7 @@ from bench.engine import (BEST, broadcast_, build_engine, full_state_dict, load_
                           load_latest, save_best, save_checkpoint, sync_buffers, train_autocast, trial_device,
                           world)
 from bench.files import atomic_write_json
+from bench.prerequisites import in_run_dir
 from bench.tasks import task_for
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
@@ -108,7 +109,7 @@ def train_pool(cfg: BaseConfig, out_dir: str | Path, *, data_root=None, progress
             if finished_result(run_dir) is None:
                 # its own test evaluation would be thrown away: the trial that needs it is evaluated.
                 # Its run id is its config's (the run's identity), so a reused run keeps one W&B run.
-                run_trial(run.resolved(run_dir), run_dir, data_root=data_root, progress=progress, group=group,
+                run_trial(run.resolved(), run_dir, data_root=data_root, progress=progress, group=group,
                           track=track, evaluate=False)
     return assemble(cfg, root, out_dir)
 
@@ -127,6 +128,7 @@ class Trial:
                  track, evaluate=True, data_root=None):
         self.evaluate, self.data_root = evaluate, data_root
         self.cfg, self.out_dir, self.ds_dir = cfg, out_dir, ds_dir
+        self.run_cfg = in_run_dir(cfg, out_dir)
         self.progress, self.epoch_callback, self.group, self.sweep, self.track = (
             progress, epoch_callback, group, sweep, track)
         self.hash = config_hash(cfg)
@@ -205,7 +207,8 @@ class Trial:
         self.manifest = read_manifest(self.ds_dir)
         self.task = task_for(self.method_cls)(cfg, self.ds_dir, self.manifest, device=self.device,
                                               world_size=self.world_size, data_root=self.data_root)
-        self.method = self.method_cls(cfg, self._new_backbone(), self.task.num_classes)
+        # the method reads paths in this folder ({run_dir}/...) as they are here; args.yaml keeps the placeholder
+        self.method = self.method_cls(self.run_cfg, self._new_backbone(), self.task.num_classes)
         model = self.method.model.to(self.device)  # channels_last weights: build_engine decides
         optimizer = self.method.make_optimizer()
         if self.method.needs_training:
@@ -326,7 +329,7 @@ class Trial:
         cost = {"wall_s": time.time() - t0, "train_s": self.train_s, "eval_s": eval_s,
                 "device": _device_name(self.device),
                 "images_per_s": self.images_seen / self.train_s if self.train_s > 0 else None}
-        pool = _pool_cost(self.cfg)
+        pool = _pool_cost(self.run_cfg)
         if pool:  # a merging trial costs its pool's training too (summed: the cost of the result from scratch)
             cost.update(pool=pool, wall_s=cost["wall_s"] + pool["wall_s"], train_s=self.train_s + pool["train_s"])
         return cost

@@ -9,10 +9,11 @@ that share attack strengths need the same members, and ``bench`` trains each onc
 
     {"format": "amt-pool-v1", "pool_size": P, "config_hash": ..., "eps_units": "1/255",
      "members": [{"index": i, "eps": e, "adapter": "members/member_0_eps0.01/adapter.pt", "key": ...,
-                  "out_dir": ..., "trained_in": ..., "result": {...}}]}
+                  "out_dir": "members/member_0_eps0.01", "trained_in": ..., "result": {...}}]}
 
-Adapter paths are relative to the manifest's folder: the pool keeps its own copy of each member trained
-outside it, so a pool folder can be moved whole.
+``adapter`` and ``out_dir`` are relative to the manifest's folder: the pool keeps its own copy of each member
+trained outside it, so a pool folder can be moved whole, or restored on another node from Tune's storage.
+``trained_in`` (where the member ran, on the node that ran it) is a record only; nothing reads it.
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def write_manifest(cfg, finished: list[tuple[dict, Path]], out_dir: str | Path) 
                     _copy_atomic(run_dir / name, keep / name)
         members.append({"index": i, "eps": float(eps), "key": run_dir.name,
                         "adapter": str((keep / ADAPTER_FILE).relative_to(out_dir)),
-                        "out_dir": str(keep), "trained_in": str(run_dir), "result": _brief(result)})
+                        "out_dir": keep.relative_to(out_dir).as_posix(), "trained_in": str(run_dir), "result": _brief(result)})
     manifest = {"format": POOL_FORMAT, "pool_size": len(members), "eps_units": "1/255",
                 "config_hash": _config_hash(cfg), "members": members}
     path = out_dir / "pool.json"

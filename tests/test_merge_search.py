@@ -132,12 +132,15 @@ def test_pool_of_two_and_a_merge_only_sweep_of_eight_settings(tmp_path, two_doma
     from bench.sweep.driver import run_sweep
     from bench.sweep.space import load_sweep
     from bench.trial import train_pool
+    from methods.base import RUN_DIR
 
     doc = yaml.safe_load((ROOT / "tune_spaces" / "merge_search_smoke.yaml").read_text())
     doc["backbone"] = "tiny_cnn"
     pool_cfg = resolve_config("amt", {**doc["fixed"], "dataset": "digits", "backbone": "tiny_cnn"})
-    pool_dir = train_pool(pool_cfg, tmp_path / "pool", data_root=two_domain_root, progress=False, track=False,
-                          root=tmp_path / "members").pool_dir
+    assembled = train_pool(pool_cfg, tmp_path / "pool", data_root=two_domain_root, progress=False, track=False,
+                           root=tmp_path / "members")
+    assert assembled.pool_dir == f"{RUN_DIR}/."  # the pool is the trial's folder, recorded relative to it
+    pool_dir = str(tmp_path / "pool")
     assert len(json.loads((Path(pool_dir) / "pool.json").read_text())["members"]) == 2
     doc["fixed"].update(target_datasets=["digits", "digits_b"], pool_dir=pool_dir)
     path = tmp_path / "ms.yaml"

@@ -102,7 +102,7 @@ def _trial_setup(config: dict, ctx: dict, trial_id: str, out_dir: str | Path | N
         from bench.prerequisites import PrerequisiteRun
 
         name = config["prerequisite"]
-        cfg = PrerequisiteRun(name, method, ctx["prerequisites"][name]["config"]).resolved(out_dir)
+        cfg = PrerequisiteRun(name, method, ctx["prerequisites"][name]["config"]).resolved()
         sweep_info = {"name": ctx["name"], "trial_id": trial_id, "stage": "prerequisite",
                       "swept": {"method": method, "seed": seed, "prerequisite": name}}
         return cfg, out_dir, sweep_info, ctx["metrics"][method]

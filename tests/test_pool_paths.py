@@ -1,0 +1,78 @@
+"""An AMT pool without a shared disk: what a pool member and a merging trial record is relative to their own
+folder, so a member stopped in one folder (a node) finishes in another, and a pool folder moved whole (or
+restored from Tune's storage on another node) is still read by its merging trial."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from bench.config import config_hash, resolve_config
+from bench.prerequisites import assemble, in_run_dir, prerequisite_runs
+from bench.trial import run_trial
+from methods.base import RUN_DIR
+
+TINY_POOL = {"epochs": 2, "episodes_per_epoch": 2, "episodes": 3, "val_episodes": 2, "queries": 3, "rank": 4,
+             "warmup_epochs": 0, "pool_size": 2, "train_attack_steps": 1, "eval_pgd_steps": 1, "val_pgd_steps": 1,
+             "image_size": 32, "backbone": "tiny_cnn", "dataset": "digits", "autoattack_version": "off",
+             "fewshot_autoattack": "off"}
+
+
+def test_a_members_config_is_the_same_in_any_folder(tmp_path):
+    cfg = resolve_config("amt", TINY_POOL)
+    runs = prerequisite_runs(cfg)
+    assert len(runs) == 2
+    member = runs[0].resolved()
+    assert member.adapter_path == f"{RUN_DIR}/adapter.pt"  # recorded: relative to the run's folder
+    here, there = in_run_dir(member, tmp_path / "a"), in_run_dir(member, tmp_path / "b")
+    assert here.adapter_path == str((tmp_path / "a").resolve() / "adapter.pt")  # read: this folder's
+    assert there.adapter_path == str((tmp_path / "b").resolve() / "adapter.pt")
+    assert config_hash(member) == config_hash(runs[0].resolved()) != config_hash(here)
+    assert in_run_dir(cfg, tmp_path) is cfg  # nothing to fill: the config itself
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow  # four short trials, three through DeepSpeed: about 55 s of CPU, minutes on a loaded VM
+def test_member_finishes_in_another_folder_and_a_moved_pool_is_merged(tmp_path, shards_root):
+    cfg = resolve_config("amt", TINY_POOL)
+    runs = prerequisite_runs(cfg)
+    node_a, node_b = tmp_path / "node_a" / "_prerequisites", tmp_path / "node_b" / "_prerequisites"
+
+    def stop_after_first_epoch(row, ckpt_dir):
+        if ckpt_dir is not None:
+            raise _Stop  # the node dies once the first epoch's checkpoint is written
+
+    with pytest.raises(_Stop):
+        run_trial(runs[0].resolved(), node_a / runs[0].name, data_root=shards_root, progress=False, track=False,
+                  evaluate=False, epoch_callback=stop_after_first_epoch)
+    # node B gets the member's folder as Tune's storage restores it (node A and its disk are gone)
+    shutil.copytree(node_a / runs[0].name, node_b / runs[0].name)
+    shutil.rmtree(tmp_path / "node_a")
+    seen = []
+    first = run_trial(runs[0].resolved(), node_b / runs[0].name, data_root=shards_root, progress=False,
+                      track=False, evaluate=False, epoch_callback=lambda row, ckpt: seen.append(row["epoch"]))
+    assert seen == [1], seen  # resumed after epoch 0, not restarted, and not refused as "another config"
+    assert first["status"] == "ok" and [h["epoch"] for h in first["history"]] == [0, 1]
+    assert (node_b / runs[0].name / "adapter.pt").is_file()
+    recorded = yaml.safe_load((node_b / runs[0].name / "args.yaml").read_text())
+    assert recorded["adapter_path"] == f"{RUN_DIR}/adapter.pt"
+    run_trial(runs[1].resolved(), node_b / runs[1].name, data_root=shards_root, progress=False, track=False,
+              evaluate=False)
+
+    # the merging trial assembles its pool in its folder, then the folder moves (members and pool.json)
+    merged_cfg = assemble(cfg, node_b, tmp_path / "trial_a")
+    assert merged_cfg.pool_dir == f"{RUN_DIR}/."
+    pool = json.loads((tmp_path / "trial_a" / "pool.json").read_text())
+    for m in pool["members"]:
+        assert m["out_dir"].startswith("members/") and m["adapter"] == f"{m['out_dir']}/adapter.pt"
+    shutil.move(tmp_path / "trial_a", tmp_path / "trial_b")
+    shutil.rmtree(tmp_path / "node_b")  # the pool holds its own copies of the members
+    result = run_trial(merged_cfg, tmp_path / "trial_b", data_root=shards_root, progress=False, track=False)
+    assert result["status"] == "ok" and result["config"]["pool_dir"] == f"{RUN_DIR}/."
+    assert result["cost"]["pool"]["members"] == 2 and result["cost"]["pool"]["train_s"] > 0
+    assert 0 <= result["fewshot"]["adv_acc"] <= result["fewshot"]["clean_acc"] <= 1
