@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -76,3 +77,54 @@ def test_member_finishes_in_another_folder_and_a_moved_pool_is_merged(tmp_path, 
     assert result["status"] == "ok" and result["config"]["pool_dir"] == f"{RUN_DIR}/."
     assert result["cost"]["pool"]["members"] == 2 and result["cost"]["pool"]["train_s"] > 0
     assert 0 <= result["fewshot"]["adv_acc"] <= result["fewshot"]["clean_acc"] <= 1
+
+
+@pytest.mark.slow  # a local Ray: 2 members in parallel, then the merging trial
+def test_pool_sweep_with_storage_records_no_node_path(tmp_path, shards_root):
+    """With --storage, every trial runs in a folder of its node (Tune's trial folder) and reaches RESULTS only
+    through the storage: the merging trial gets its members from their checkpoints there, and what reaches
+    RESULTS names no node's folder."""
+    import ray
+
+    from bench.prerequisites import PREREQUISITES_DIR
+    from bench.sweep.driver import run_sweep
+    from bench.sweep.space import load_sweep
+
+    fixed = {k: v for k, v in TINY_POOL.items() if k not in ("backbone", "dataset")} | {"epochs": 1}
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump({"name": "pool", "methods": ["amt"], "dataset": "digits", "backbone": "tiny_cnn",
+                                    "fixed": fixed, "max_concurrent_trials": 2}))
+    res, storage = tmp_path / "res", tmp_path / "storage"
+    root = Path(__file__).resolve().parents[1]
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"WANDB_MODE": "offline", "PYTHONPATH": str(root)}})
+    try:
+        summary = run_sweep(load_sweep(path), res, data_root=shards_root, leaderboard=False, verbose=0,
+                            storage=str(storage))
+    finally:
+        ray.shutdown()
+    assert summary["n_trials"] == 1 and summary["n_error"] == 0, summary
+    ((trial, result),) = [(p.parent, json.loads(p.read_text())) for p in res.glob("*/result.json")
+                          if not p.parent.name.startswith("_")]
+    assert result["status"] == "ok" and result["config"]["pool_dir"] == f"{RUN_DIR}/."
+    assert 0 <= result["fewshot"]["adv_acc"] <= result["fewshot"]["clean_acc"] <= 1
+    pool = json.loads((trial / "pool.json").read_text())
+    assert [m["out_dir"] for m in pool["members"]] == ["members/member_0_eps0.01", "members/member_1_eps8"]
+    assert all((trial / m["adapter"]).is_file() for m in pool["members"])  # the pool's copies came back whole
+    members = [d for d in (res / PREREQUISITES_DIR).iterdir() if (d / "args.yaml").is_file()]
+    assert len(members) == 2
+    for d in members:
+        assert yaml.safe_load((d / "args.yaml").read_text())["adapter_path"] == f"{RUN_DIR}/adapter.pt"
+
+
+def test_a_selected_merge_setting_reads_the_pool_of_its_candidates_folder(tmp_path):
+    """A merge-search candidate that assembled its pool records ``pool_dir: {run_dir}/.``; its test trial runs
+    in another folder (RESULTS/selected/...) and must read the candidate's pool, not look in its own folder."""
+    from bench.sweep.merge_search import test_config
+
+    config = resolve_config("amt", {**TINY_POOL, "pool_dir": f"{RUN_DIR}/.", "target_datasets": ["digits"]})
+    selection = {"target": "digits", "config": {"method": "amt", **config.to_dict()},
+                 "trial_dir": str(tmp_path / "candidate")}
+    cfg = test_config(selection)
+    assert Path(cfg.pool_dir).resolve() == (tmp_path / "candidate").resolve()
+    assert test_config({**selection, "trial_dir": None}).pool_dir == f"{RUN_DIR}/."

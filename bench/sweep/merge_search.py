@@ -113,7 +113,12 @@ def test_config(selection: dict):
     config = {k: v for k, v in selection["config"].items() if k != "method"}
     if config.get("target_datasets"):
         config["target_datasets"] = [selection["target"]]
-    return resolve_config(selection["config"]["method"], config)
+    cfg = resolve_config(selection["config"]["method"], config)
+    if selection.get("trial_dir"):  # the pool the candidate assembled in its folder (pool_dir: {run_dir}/.)
+        from bench.prerequisites import in_run_dir
+
+        cfg = in_run_dir(cfg, selection["trial_dir"])
+    return cfg
 
 
 def test_selected(selections: list[dict], results: str | Path,
