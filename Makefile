@@ -10,7 +10,7 @@ export WANDB_DIR ?= $(CURDIR)/results
 export WANDB_SILENT ?= true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup bench test test-fast shards clean browser
+.PHONY: setup bench test test-fast shards clean browser gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -36,6 +36,14 @@ test: setup browser
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# The prepared device check (docs/perf.md): on a lent GPU machine's bare image, with .wheels carried; no venv.
+gpu-check:
+	bash scripts/gpu_check.sh --out $${OUT:-gpu_check}
+
+# The wheels it installs there (run here, with the registry).
+gpu-wheels:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) bash scripts/gpu_wheels.sh .wheels
 
 clean:
 	rm -rf results shards .cache .pytest_cache
