@@ -158,13 +158,13 @@ for dtype in fp32 bf16; do
 done
 wait
 for d in "$WORK"/runs/*/; do  # the runs' records come back; their checkpoints and adapters stay
+  [ -d "$d" ] || continue
   name="$(basename "$d")"
   mkdir -p "$OUT_DIR/runs/$name"
   for f in result.json history.json args.yaml pool.json; do
     [ -f "$d/$f" ] && cp "$d/$f" "$OUT_DIR/runs/$name/"
   done
 done
-
 
 # 6. the summary (never skipped: RESERVE seconds were kept for it)
 timeout -k 5 "$RESERVE" "$PY" "${HELPER[@]}" summary "$OUT_DIR" --device "$DEVICE" --dry-run "$DRY_RUN" \
