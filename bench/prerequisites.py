@@ -38,9 +38,9 @@ class PrerequisiteRun:
 def in_run_dir(cfg: BaseConfig, run_dir: str | Path) -> BaseConfig:
     """``cfg`` with ``RUN_DIR`` in its string fields replaced by ``run_dir`` (absolute): the config the
     method reads; the recorded one keeps ``RUN_DIR``."""
-    filled = {k: _fill(v, str(Path(run_dir).resolve())) for k, v in cfg.to_dict().items() if k != "method"}
-    return cfg if filled == {k: v for k, v in cfg.to_dict().items() if k != "method"} \
-        else resolve_config(cfg.method, filled)
+    recorded = {k: v for k, v in cfg.to_dict().items() if k != "method"}
+    filled = {k: _fill(v, str(Path(run_dir).resolve())) for k, v in recorded.items()}
+    return cfg if filled == recorded else resolve_config(cfg.method, filled)
 
 
 def _in_run_dir_form(value: Any, run_dir: Path) -> Any:

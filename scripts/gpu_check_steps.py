@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
-import os
 import platform
 import re
 import statistics
@@ -177,12 +176,6 @@ def cmd_engines(args) -> int:
     if dist.is_initialized():  # DeepSpeed's process group: left open, the interpreter may wait on it at exit
         dist.destroy_process_group()
     return 1 if any("error" in r for r in rows.values()) else 0
-
-
-def _cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _read_json(path: Path):

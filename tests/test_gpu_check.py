@@ -35,7 +35,9 @@ def test_wheel_list_is_pinned_by_the_lock():
     assert not any(s.startswith(("ray==", "wandb==")) for s in lines)  # left out by design
 
 
-@pytest.mark.slow  # about 2 minutes on the 2-core VM: shards, 6 tiny trials, 6 engines, the loader benchmark
+# About 2 minutes of CPU (1 min 50 s measured, user + sys): shards, 6 tiny trials, 6 engines, the loader
+# benchmark; 12.5 min of wall time on the shared VM at load 30-40, hence the generous budget
+@pytest.mark.slow
 def test_dry_run_on_cpu_with_the_bare_image_imports(tmp_path):
     out = tmp_path / "check"
     needed = [name for name, _ in _steps_module().NEEDED]
@@ -45,7 +47,8 @@ def test_dry_run_on_cpu_with_the_bare_image_imports(tmp_path):
     # rft (supervised), amt (a pool of 2 members, then the merge) and a method that does not exist: its two
     # runs fail, and nothing else may fail because of them
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu", "--dry-run",
-                           "--out", str(out), "--work", str(tmp_path / "work"), "--methods", "rft,amt,no_such_method", "--budget", "900"],
+                           "--out", str(out), "--work", str(tmp_path / "work"),
+                           "--methods", "rft,amt,no_such_method", "--budget", "900"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1000)
     summary = json.loads((out / "summary.json").read_text())
     logs = {p.name: p.read_text()[-1500:] for p in (out / "logs").glob("*.log")}
@@ -59,7 +62,8 @@ def test_dry_run_on_cpu_with_the_bare_image_imports(tmp_path):
 
     for name in ("rft/fp32", "rft/bf16"):
         run = summary["runs"][name]
-        assert run["status"] == "ok" and 0 <= run["pgd_acc"] <= run["clean_acc"] <= 1 and run["device"].startswith("cpu")
+        assert run["status"] == "ok" and 0 <= run["pgd_acc"] <= run["clean_acc"] <= 1
+        assert run["device"].startswith("cpu")
     for name in ("amt/fp32", "amt/bf16"):
         run = summary["runs"][name]
         assert run["status"] == "ok" and 0 <= run["adv_acc"] <= run["clean_acc"] <= 1
