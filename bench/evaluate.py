@@ -28,18 +28,20 @@ class fp32_eval:
     DeepSpeed's views into its flat buffers stay intact and training goes on untouched.
 
     Why: bf16's 8-bit mantissa quantises a perturbation of 1/255 on a pixel near 1 and APGD's step-size
-    control; an attack in bf16 measures the number format, not the model. ZeRO-3 partitions (``ds_id``)
-    are gathered by DeepSpeed's hooks in their own dtype and left as they are (the trial's test evaluation
-    runs a plain fp32 copy there)."""
+    control; an attack in bf16 measures the number format, not the model. A ZeRO-3 module (partitioned
+    parameters, ``ds_id``) is gathered by DeepSpeed's hooks in its own dtype and left as it is: its
+    validation runs in the training dtype, while the trial's test evaluation runs a plain fp32 copy."""
 
     def __init__(self, module: nn.Module):
         self.module = module
 
     def __enter__(self):
         self.params, self.buffers = [], []
+        if any(hasattr(p, "ds_id") for p in self.module.parameters()):
+            return self.module  # ZeRO-3: gathered on the fly in the training dtype (the test runs a plain copy)
         for m in self.module.modules():
             for p in m._parameters.values():
-                if p is not None and p.is_floating_point() and p.dtype != torch.float32 and not hasattr(p, "ds_id"):
+                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
                     self.params.append((p, p.data))
                     p.data = p.data.float()
             for name, b in m._buffers.items():

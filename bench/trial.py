@@ -349,9 +349,7 @@ class Trial:
         method = self.method_cls(cfg, self._new_backbone(), self.task.num_classes)
         method.load_state_dict(self.method.state_dict())
         model = method.model.to(self.device)
-        if cfg.bf16:  # as build_engine: the trained weights are bf16
-            model.to(torch.bfloat16)
-        model.load_state_dict(state)
+        model.load_state_dict(state)  # bf16 weights load into the fp32 copy: the test evaluates in fp32
         return method
 
     def _identity(self) -> dict[str, Any]:
