@@ -83,7 +83,7 @@ def test_restart_draws_depend_on_sample_index_not_on_batching():
 
 
 def test_metrics_robust_acc_is_the_conjunction_of_every_attack():
-    cfg = resolve_config("ft", {"eps": 0.1, "eval_pgd_steps": 3, "eval_step_size": 0.06, "autoattack_version": "off"})
+    cfg = resolve_config("ft", {"allow_large_eps": True, "eps": 0.1, "eval_pgd_steps": 3, "eval_step_size": 0.06, "autoattack_version": "off"})
     flags = {"clean": torch.tensor([1, 1, 1, 0], dtype=torch.bool), "pgd": torch.tensor([1, 0, 1, 0], dtype=torch.bool),
              "autoattack": torch.tensor([1, 1, 0, 0], dtype=torch.bool)}
     cfg.autoattack_version = "apgd-ce"
@@ -93,7 +93,7 @@ def test_metrics_robust_acc_is_the_conjunction_of_every_attack():
 
 
 def test_supervised_metrics_never_show_robust_above_clean():
-    cfg = resolve_config("ft", {"eps": 0.1, "eval_pgd_steps": 3, "eval_step_size": 0.06, "autoattack_version": "apgd-ce"})
+    cfg = resolve_config("ft", {"allow_large_eps": True, "eps": 0.1, "eval_pgd_steps": 3, "eval_step_size": 0.06, "autoattack_version": "apgd-ce"})
     model, (x, y) = Deceptive(classes=10), data(64, seed=3)
     m = metrics_from_flags(evaluate_flags(model, x, y, cfg, progress=False), cfg)
     assert m["pgd_acc"] <= m["clean_acc"] and m["autoattack_acc"] <= m["clean_acc"]
@@ -123,7 +123,7 @@ class PeriodicEpisodes:
 
 
 def test_fewshot_adversarial_accuracy_never_exceeds_clean_per_episode():
-    cfg = resolve_config("pmf", {"eps": 0.1, "eval_pgd_steps": 3, "eval_step_size": 0.06, "test_time_ft_steps": 0})
+    cfg = resolve_config("pmf", {"allow_large_eps": True, "eps": 0.1, "eval_pgd_steps": 3, "eval_step_size": 0.06, "test_time_ft_steps": 0})
     method = PeriodicEpisodes()
     out = evaluate_fewshot(method, method, 6, cfg, attack=True, progress=False)
     assert out["adv_acc"] <= out["clean_acc"] and out["robust_acc"] <= out["adv_acc"]
