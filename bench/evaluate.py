@@ -96,9 +96,11 @@ def restart_seed(seed: int, first_index: int, restart: int) -> int:
 
 def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
               restarts: int = 1, batch_size: int = 256, device="cpu", seed: int = 0, progress: bool = False,
-              clean: torch.Tensor | None = None) -> torch.Tensor:
+              clean: torch.Tensor | None = None, first_index: int = 0) -> torch.Tensor:
     """Per sample: right clean and at every point PGD-``steps`` visited, in every restart (the first from the
-    clean input, the others from random starts in the eps-ball). ``clean``: the clean flags, if known."""
+    clean input, the others from random starts in the eps-ball). ``clean``: the clean flags, if known.
+    ``first_index``: the evaluation's index of ``x[0]`` when ``x`` is a shard of it (the random starts are
+    those of the samples' global batches)."""
     if clean is None:
         clean = clean_flags(model, x, y, batch_size, device)
     robust = clean.clone()
@@ -107,7 +109,7 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                                   progress):
             xb, yb = xb.to(device), yb.to(device)
             for r in range(restarts):
-                gen = torch.Generator().manual_seed(restart_seed(seed, i, r))
+                gen = torch.Generator().manual_seed(restart_seed(seed, first_index + i, r))
                 _, ok = pgd_linf_robust(model, xb, yb, eps=eps, step_size=step_size, steps=steps,
                                         random_start=r > 0, generator=gen)
                 robust[i:i + len(xb)] &= ok.cpu()
@@ -156,18 +158,32 @@ def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     return flags.float().mean().item()
 
 
+def autoattack_seed(seed: int, batch_index: int) -> int:
+    """AutoAttack's seed on evaluation batch ``batch_index`` (samples ``batch_index * batch_size`` on): a
+    function of (seed, global batch index) alone, so a batch draws the same random starts whichever process
+    or shard attacks it."""
+    return seed * 1_000_003 + batch_index
+
+
 def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str,
                      batch_size: int = 256, device="cpu", seed: int = 0, state_path: str | Path | None = None,
-                     clean: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+                     clean: torch.Tensor | None = None, progress: bool = False, first_index: int = 0,
+                     on_batch=None) -> torch.Tensor:
     """Per sample: robust under AutoAttack ``version`` (a bool per sample, on the CPU; False where the clean
     prediction is wrong).
 
+    Batches are fixed index ranges of the evaluation: batch ``k`` is samples ``[k * batch_size, (k + 1) *
+    batch_size)``. Each attack runs on the points of a batch still robust, with AutoAttack seeded by
+    :func:`autoattack_seed` (seed, k). A batch's outcome thus depends on its own samples and ``k`` alone,
+    so any split of the batches over processes gives the flags one process gives: ``x`` may be a slice of
+    the evaluation starting at sample ``first_index`` (a multiple of ``batch_size``), as a shard of
+    ``bench.sharded_eval`` is.
+
     ``clean`` (the per-sample clean flags, when the caller has them) saves AutoAttack's own clean pass.
     With ``state_path`` the evaluation resumes: after every batch the robust flags and the attacks and
-    batches done are written there (atomically), and a later call with the same model, data, settings,
-    device and package versions skips what is done. A batch is what AutoAttack itself batches
-    (``batch_size`` of the points still robust, in order, per attack), and each attack re-seeds per batch,
-    so a resumed evaluation gives the flags an uninterrupted one gives.
+    samples done are written there (atomically), and a later call with the same model, data, settings,
+    device and package versions skips what is done, giving the flags an uninterrupted call gives.
+    ``on_batch(n_samples)``, if given, is called after every batch (progress across shards).
 
     Why not pyautoattack's own ``run_standard_evaluation(state_path=...)``: in pyautoattack 0.2.0 (the
     newest) its restore cannot work: the attack set is written as a str and compared with a set (restore
@@ -176,6 +192,9 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     are not atomic either. So each batch of each attack goes through ``run_standard_evaluation`` (the
     authors' attack settings per version, their checks) and the bookkeeping is here.
     """
+    if first_index % batch_size:
+        raise ValueError(f"first_index={first_index} is not a multiple of batch_size={batch_size}: "
+                         f"batches would not be the evaluation's index ranges")
     with eval_mode(model), fp32_eval(model):
         n_classes = None
         with torch.no_grad():
@@ -184,7 +203,7 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
         attacks = list(adversary.attacks_to_run)
         path = Path(state_path) if state_path is not None else None
         fingerprint = _fingerprint(model, x, y, eps=eps, version=version, batch_size=batch_size, seed=seed,
-                                   device=device)
+                                   device=device, first_index=first_index)
         state = _load_state(path, fingerprint)
         if state is None:
             if clean is None:
@@ -200,19 +219,25 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
         for attack in attacks:
             if attack in state["done"]:
                 continue
-            if state["attack"] != attack:  # the attack starts: its batches are the points robust now
+            if state["attack"] != attack:  # the attack starts: it attacks the points robust now
                 state["attack"], state["pending"] = attack, torch.nonzero(robust).flatten().tolist()
             adversary.attacks_to_run = [attack]
             bar = tqdm(total=len(state["pending"]), desc=f"AutoAttack {attack}", unit="sample", leave=False,
                        disable=not progress)
             while state["pending"]:
-                idx = torch.tensor(state["pending"][:batch_size])
+                local_batch = state["pending"][0] // batch_size  # the batch (index range) of the next point
+                n = next((i for i, p in enumerate(state["pending"]) if p // batch_size != local_batch),
+                         len(state["pending"]))
+                idx = torch.tensor(state["pending"][:n])
+                adversary.seed = autoattack_seed(seed, first_index // batch_size + local_batch)
                 _, y_adv = adversary.run_standard_evaluation(x[idx].to(device), y[idx].to(device),
                                                              batch_size=batch_size)
                 robust[idx] = y_adv.cpu().eq(y[idx].cpu())
-                state["robust"], state["pending"] = robust.tolist(), state["pending"][batch_size:]
+                state["robust"], state["pending"] = robust.tolist(), state["pending"][n:]
                 _save_state(state, path)
                 bar.update(len(idx))
+                if on_batch is not None:
+                    on_batch(len(idx))
                 log.debug("AutoAttack %s: batch done, %d left to attack, %d robust", attack,
                           len(state["pending"]), int(robust.sum()))
             bar.close()
@@ -237,7 +262,8 @@ def _package_versions() -> dict[str, str]:
 def _fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device="cpu", **settings) -> str:
     """What a saved AutoAttack state is valid for: the weights, the samples, the attack settings, the device
     and the torch and pyautoattack versions (another kernel or attack implementation gives other flags)."""
-    settings = {**settings, "device": str(torch.device(device)), "packages": _package_versions()}
+    settings = {"first_index": 0, **settings, "device": str(torch.device(device)), "packages": _package_versions(),
+                "batches": "index ranges"}  # batches as autoattack_flags forms them (an older state: start over)
     h = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16)
     for t in (*model.state_dict().values(), x, y):
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -122,8 +122,30 @@ class SupervisedTask:
         cfg = self.cfg
         x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size,
                           transform=cfg.transform)
+        if cfg.eval_shards > 1:
+            return {"metrics": self._sharded_metrics(method, x, y, progress=progress, state_dir=state_dir)}
         return {"metrics": robust_metrics(method.eval_model(), x, y, cfg, device=self.device, progress=progress,
                                           state_dir=state_dir)}  # a killed evaluation resumes
+
+    def _sharded_metrics(self, method: Method, x, y, *, progress: bool, state_dir: Path) -> dict[str, Any]:
+        """The test evaluation as ``eval_shards`` Ray tasks (the flags one process gives; each shard resumes
+        from its folder under ``state_dir/eval_shards``)."""
+        from bench.eval_target import ModelRecipe
+        from bench.evaluate import metrics_from_flags
+        from bench.sharded_eval import sharded_flags
+        from data_shards.transforms import output_size
+
+        cfg = self.cfg
+        recipe = ModelRecipe(kind="method", backbone=cfg.backbone, num_classes=self.num_classes,
+                             image_size=output_size(cfg.transform, self.manifest, cfg.image_size)[0],
+                             config=cfg.to_dict(), method_state=method.state_dict())
+        flags, report = sharded_flags(recipe, method.eval_model().state_dict(), x, y, cfg, shards=cfg.eval_shards,
+                                      work_dir=Path(state_dir) / "eval_shards", gpus_per_shard=cfg.eval_shard_gpus,
+                                      progress=progress)
+        metrics = metrics_from_flags(flags, cfg)
+        metrics["evaluated_by"] = {"command": "trial", "shards": report["shards"], "wall_s": report["wall_s"],
+                                   "overhead_s": report["overhead_s"], "per_shard": report["per_shard"]}
+        return metrics
 
 
 class EpisodicTask:

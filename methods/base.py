@@ -87,6 +87,10 @@ class BaseConfig:
     # optimisation
     batch_size: int = 128
     eval_batch_size: int = setting(256, role="speed", doc="batch size of evaluation and validation")
+    # The test evaluation as Ray tasks, each a slice of whole evaluation batches (bench/sharded_eval.py): the
+    # flags equal one process's, so these change speed only. 1: in the trial's process.
+    eval_shards: int = setting(1, role="speed", doc="Ray tasks the test evaluation is sharded into (by samples)")
+    eval_shard_gpus: float = setting(0.0, role="speed", doc="GPUs per evaluation shard (fractions allowed)")
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -144,6 +148,10 @@ class BaseConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name}={v} must be positive or null (all)")
+        if self.eval_shards < 1:
+            raise ValueError(f"eval_shards={self.eval_shards} must be >= 1 (1: evaluate in the trial's process)")
+        if self.eval_shard_gpus < 0:
+            raise ValueError(f"eval_shard_gpus={self.eval_shard_gpus} must be >= 0")
         if self.eval_pgd_restarts < 1:
             raise ValueError(f"eval_pgd_restarts={self.eval_pgd_restarts} must be >= 1 (the first run starts at the "
                              f"clean input; eval_pgd_steps=0 skips PGD where AutoAttack runs)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 # Subcommand modules, each with ``add_parser(subparsers)``; imported lazily so ``bench run`` never pays
 # for Ray and ``bench leaderboard`` never pays for DeepSpeed.
-SUBCOMMANDS = ("bench.cli.shards", "bench.cli.run", "bench.cli.reproduce", "bench.sweep.driver",
+SUBCOMMANDS = ("bench.cli.shards", "bench.cli.run", "bench.cli.evaluate", "bench.cli.reproduce", "bench.sweep.driver",
                "bench.report.leaderboard", "bench.perf")
 
 

@@ -1,0 +1,214 @@
+"""``bench evaluate``: robust evaluation of a finished trial's weights or of any backbone, sharded by samples.
+
+``bench evaluate RUN_DIR`` re-evaluates the weights the trial selected and updates RUN_DIR/result.json;
+``bench evaluate --backbone NAME --dataset D`` evaluates a backbone with its own classifier and writes a
+result.json of method "backbone" that ranks in the same leaderboard. ``--shards K`` runs the evaluation as
+K Ray tasks (bench/sharded_eval.py), whose flags equal one process's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+BACKBONE_METHOD = "backbone"  # the method name of a backbone's result.json (no training)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="robust evaluation of a trial's weights or of a backbone, sharded as Ray tasks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="bench evaluate RUN_DIR | --backbone NAME[@weights] --dataset D [--shards K]")
+    p.add_argument("run_dir", nargs="?", type=Path, help="a finished trial's folder (its result.json is updated)")
+    p.add_argument("--backbone", help="evaluate this backbone with its own head instead: a registered backbone, "
+                                      "a timm name, or NAME@/path/to/weights")
+    p.add_argument("--dataset", help="data set (with --backbone; a trial evaluates on its own)")
+    p.add_argument("--out", type=Path, help="with --backbone: the folder of its result.json "
+                                            "(default runs/backbone-NAME-DATASET-HASH-sSEED)")
+    p.add_argument("--autoattack", choices=("standard", "plus", "rand", "apgd-ce", "off"),
+                   help="AutoAttack version (default: the trial's autoattack_version; with --backbone standard)")
+    p.add_argument("--n-eval", type=int, help="first N test samples (default: the trial's n_eval; all)")
+    p.add_argument("--eps", help="L-inf radius, e.g. 8/255 (default: the trial's)")
+    p.add_argument("--pgd-steps", type=int, help="PGD steps of the PGD pass, 0: none (default: the trial's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other evaluation field (eval_batch_size, eval_pgd_restarts, seed, ...)")
+    p.add_argument("--shards", type=int, default=1, help="Ray tasks, each a slice of whole evaluation batches "
+                                                         "(1 without --address: in this process)")
+    p.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
+    p.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard, fractions allowed")
+    p.add_argument("--cpus-per-shard", type=float, default=1.0)
+    p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose worker died")
+    p.add_argument("--data-root", type=Path, default=None, help="shards root (default: $BENCH_SHARDS or ./shards)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _check_args(args) -> None:
+    if (args.run_dir is None) == (args.backbone is None):
+        raise ValueError("give a trial folder (RUN_DIR) or --backbone NAME --dataset D, not both or neither")
+    if args.backbone is not None and not args.dataset:
+        raise ValueError("--backbone needs --dataset")
+    if args.run_dir is not None and (args.dataset or args.out):
+        raise ValueError("--dataset and --out go with --backbone; a trial is evaluated on its data set, in its folder")
+    if args.shards < 1:
+        raise ValueError(f"--shards {args.shards} must be >= 1")
+    if args.gpus_per_shard < 0 or args.cpus_per_shard <= 0 or args.max_retries < 0:
+        raise ValueError("--gpus-per-shard, --max-retries must be >= 0 and --cpus-per-shard > 0")
+
+
+def _overrides(args, default_autoattack: str | None) -> dict:
+    from bench.config import parse_set_args
+
+    out = parse_set_args(args.overrides)
+    for key, value in (("autoattack_version", args.autoattack or default_autoattack), ("n_eval", args.n_eval),
+                       ("eps", args.eps), ("eval_pgd_steps", args.pgd_steps)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _base_config(values: dict):
+    """A BaseConfig (the fields every method understands) from strings, as ``resolve_config`` coerces them."""
+    from bench.config import ConfigError, _coerce, config_fields, parse_value
+    from methods.base import BaseConfig
+
+    fields = config_fields(BaseConfig)
+    kept = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config field {key!r}; valid: {', '.join(sorted(fields))}")
+        value = raw if fields[key] is str and isinstance(raw, str) else parse_value(raw)
+        kept[key] = _coerce(key, value, fields[key])
+    cfg = BaseConfig(**{**kept, "method": BACKBONE_METHOD})
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def run(args) -> int:
+    _check_args(args)
+    if args.run_dir is not None:
+        return _evaluate_trial(args)
+    return _evaluate_backbone(args)
+
+
+# ------------------------------------------------------------------------------------------------- a trial
+def _evaluate_trial(args) -> int:
+    from bench.config import with_overrides
+    from bench.eval_target import ModelRecipe, trial_weights
+    from bench.files import atomic_write_json
+    from bench.tasks import SupervisedTask, task_for
+    from data_shards.manifest import read_manifest
+    from data_shards.paths import dataset_dir
+    from data_shards.transforms import output_size
+    from methods import get_method
+
+    run_dir = args.run_dir
+    result_path = run_dir / "result.json"
+    if not result_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no result.json (not a finished trial folder)")
+    result = json.loads(result_path.read_text())
+    if result.get("status") != "ok" or result.get("stage") == "validation":
+        raise ValueError(f"{run_dir}: not a finished, evaluated trial (status {result.get('status')!r}"
+                         f"{', validation-only candidate' if result.get('stage') else ''})")
+    from bench.config import resolve_config
+
+    trained = resolve_config(result["method"], {k: v for k, v in result["config"].items() if k != "method"})
+    if task_for(get_method(trained.method)) is not SupervisedTask:
+        raise ValueError(f"{run_dir}: {trained.method} is a few-shot (episodic) method; bench evaluate supports "
+                         f"supervised trials (few-shot evaluation: not yet)")
+    cfg = with_overrides(trained, _overrides(args, None))
+    ds_dir = dataset_dir(cfg.dataset, args.data_root)
+    manifest = read_manifest(ds_dir)
+    state, method_state, source = trial_weights(run_dir)
+    recipe = ModelRecipe(kind="method", backbone=trained.backbone, num_classes=manifest["num_classes"],
+                         image_size=output_size(trained.transform, manifest, trained.image_size)[0],
+                         config=trained.to_dict(), method_state=method_state)
+    recipe.build_with(state)  # weights that do not fit the rebuilt network: an error before any work
+    print(f"evaluating {source}")
+    metrics, cost = _evaluate(args, recipe, state, ds_dir, cfg, run_dir / "eval_shards")
+    metrics["evaluated_by"]["weights"] = source
+    previous = result.get("metrics") or {}
+    result["metrics"] = {**previous, **metrics}  # what was not recomputed stays
+    if previous:
+        result.setdefault("metrics_history", []).append(previous)
+    result.setdefault("cost", {})["evaluate"] = cost
+    atomic_write_json(result_path, result)
+    _show(result, result_path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- a backbone
+def _evaluate_backbone(args) -> int:
+    import torch
+
+    from bench.config import config_hash
+    from bench.eval_target import ModelRecipe, backbone_with_own_head
+    from bench.files import atomic_write_json
+    from bench.trial import versions
+    from data_shards.manifest import read_manifest
+    from data_shards.paths import dataset_dir
+    from data_shards.transforms import output_size
+
+    cfg = _base_config({**_overrides(args, "standard"), "dataset": args.dataset, "backbone": args.backbone})
+    ds_dir = dataset_dir(cfg.dataset, args.data_root)
+    manifest = read_manifest(ds_dir)
+    if "test" not in manifest["splits"]:
+        raise ValueError(f"data set {cfg.dataset!r} ({ds_dir}) has no test split")
+    recipe = ModelRecipe(kind="backbone", backbone=cfg.backbone,
+                         image_size=output_size(cfg.transform, manifest, cfg.image_size)[0],
+                         input_resize=cfg.input_resize)
+    torch.manual_seed(cfg.seed)  # a backbone without weights (tiny_cnn) is the seed's random network
+    model = recipe.build()
+    classes = model.head.out_features
+    if classes != manifest["num_classes"]:
+        raise ValueError(f"backbone {cfg.backbone!r} has a {classes}-class head and {cfg.dataset!r} "
+                         f"{manifest['num_classes']} classes: its own head cannot be scored on these labels")
+    print(f"note: {cfg.backbone}'s own {classes}-class head is scored against {cfg.dataset}'s labels "
+          f"(its class i counts as label i)")
+    out = args.out or Path("runs") / f"{BACKBONE_METHOD}-{cfg.backbone.split('@')[0]}-{cfg.dataset}-" \
+                                     f"{config_hash(cfg)}-s{cfg.seed}"
+    t0 = time.time()
+    metrics, cost = _evaluate(args, recipe, model.state_dict(), ds_dir, cfg, Path(out) / "eval_shards")
+    metrics["evaluated_by"]["head"] = f"the backbone's own classifier ({classes} classes)"
+    result = {"id": f"{BACKBONE_METHOD}-{cfg.backbone}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}",
+              "method": BACKBONE_METHOD, "dataset": cfg.dataset, "backbone": cfg.backbone, "seed": cfg.seed,
+              "config": cfg.to_dict(), "config_hash": config_hash(cfg), "metrics": metrics,
+              "cost": {"wall_s": time.time() - t0, "train_s": 0.0, "eval_s": cost["wall_s"],
+                       "device": cost["per_shard"][0]["device"], "evaluate": cost},
+              "versions": versions(), "status": "ok"}
+    result_path = Path(out) / "result.json"
+    atomic_write_json(result_path, result)
+    _show(result, result_path)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- shared
+def _evaluate(args, recipe, state, ds_dir: Path, cfg, work_dir: Path) -> tuple[dict, dict]:
+    """The metrics block (with ``evaluated_by``) and the evaluation's cost, sharded as asked."""
+    from bench.evaluate import metrics_from_flags
+    from bench.sharded_eval import evaluate_sharded
+    from data_shards.reader import load_split
+
+    x, y = load_split(ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size, transform=cfg.transform)
+    flags, report = evaluate_sharded(recipe, state, x, y, cfg, shards=args.shards, work_dir=work_dir,
+                                     address=args.address, cpus_per_shard=args.cpus_per_shard,
+                                     gpus_per_shard=args.gpus_per_shard, max_retries=args.max_retries,
+                                     progress=not args.no_progress)
+    metrics = metrics_from_flags(flags, cfg)
+    metrics["evaluated_by"] = {
+        "command": "bench evaluate", "argv": sys.argv[1:], "shards": report["shards"], "address": args.address,
+        "metrics": sorted(k for k in metrics if k != "evaluated_by"), "n_eval": len(x), "eps": cfg.eps,
+        "autoattack_version": cfg.autoattack_version, "eval_pgd_steps": cfg.eval_pgd_steps,
+        "eval_batch_size": cfg.eval_batch_size, "seed": cfg.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                         time.gmtime())}
+    return metrics, report
+
+
+def _show(result: dict, path: Path) -> None:
+    shown = {k: v for k, v in result["metrics"].items() if k != "evaluated_by"}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {path}")
