@@ -134,9 +134,10 @@ def sharded_flags(recipe, state: dict[str, torch.Tensor], x: torch.Tensor, y: to
     t0 = time.time()
     work_dir = Path(work_dir)
     ranges = shard_ranges(len(x), cfg.eval_batch_size, shards)
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    if not ray.is_initialized():  # as a sweep starts it: the suite's code travels to every node
+        from bench.sweep.driver import _init_ray, _trial_env
+
+        _init_ray(address, None, _trial_env())
     t_ray = time.time()
     counter = ray.remote(num_cpus=0)(_Progress).remote()
     state_ref = ray.put({k: v.detach().cpu() for k, v in state.items()})

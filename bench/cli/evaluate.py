@@ -146,7 +146,7 @@ def _evaluate_backbone(args) -> int:
     import torch
 
     from bench.config import config_hash
-    from bench.eval_target import ModelRecipe, backbone_with_own_head
+    from bench.eval_target import ModelRecipe
     from bench.files import atomic_write_json
     from bench.trial import versions
     from data_shards.manifest import read_manifest
