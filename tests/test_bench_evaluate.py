@@ -108,7 +108,8 @@ def _one_thread_flags(model, x, y, cfg):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("version,n", [("apgd-ce", 8), ("standard", 4)])
+# standard runs four attacks (square: 5000 queries) on the points left: minutes on the shared 2-core VM
+@pytest.mark.parametrize("version,n", [("apgd-ce", 8), pytest.param("standard", 4, marks=pytest.mark.slow)])
 def test_two_shards_give_one_shard_and_one_process_flags(ray_2cpu, tmp_path, version, n):
     model, x, y = _tiny_setup(n)
     cfg = _cfg(version)
@@ -217,3 +218,19 @@ def test_bad_requests_fail_in_one_line(tmp_path, capsys):
     assert "--backbone needs --dataset" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "no result.json" in capsys.readouterr().err
+
+
+def test_eval_shards_in_a_sweep_file_is_a_speed_setting(tmp_path):
+    from bench.config import config_hash, resolve_config
+    from bench.sweep.space import load_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_text("methods: [rft]\nbackbone: tiny_cnn\nfixed: {eval_shards: 2, epochs: 1}\n")
+    spec = load_sweep(path)
+    cfg = resolve_config("rft", spec.overrides("rft", 0, {}))
+    assert cfg.eval_shards == 2
+    # the flags do not depend on it, so neither does the config's identity
+    assert config_hash(cfg) == config_hash(resolve_config("rft", {**spec.overrides("rft", 0, {}), "eval_shards": 1}))
+    path.write_text("methods: [rft]\nfixed: {eval_shards: 0}\n")
+    with pytest.raises(ValueError, match="eval_shards=0 must be >= 1"):
+        load_sweep(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -200,12 +199,17 @@ def _evaluate(args, recipe, state, ds_dir: Path, cfg, work_dir: Path) -> tuple[d
                                      progress=not args.no_progress)
     metrics = metrics_from_flags(flags, cfg)
     metrics["evaluated_by"] = {
-        "command": "bench evaluate", "argv": sys.argv[1:], "shards": report["shards"], "address": args.address,
+        "command": "bench evaluate", "options": _options(args), "shards": report["shards"], "address": args.address,
         "metrics": sorted(k for k in metrics if k != "evaluated_by"), "n_eval": len(x), "eps": cfg.eps,
         "autoattack_version": cfg.autoattack_version, "eval_pgd_steps": cfg.eval_pgd_steps,
         "eval_batch_size": cfg.eval_batch_size, "seed": cfg.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime())}
     return metrics, report
+
+
+def _options(args) -> dict:
+    """The command's options as given (``sys.argv`` is another program's when ``bench.cli.main`` is called)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("func", "command")}
 
 
 def _show(result: dict, path: Path) -> None:
