@@ -143,8 +143,9 @@ class SupervisedTask:
                                       work_dir=Path(state_dir) / "eval_shards", gpus_per_shard=cfg.eval_shard_gpus,
                                       progress=progress)
         metrics = metrics_from_flags(flags, cfg)
+        # per-shard costs: state_dir/eval_shards/shards.json
         metrics["evaluated_by"] = {"command": "trial", "shards": report["shards"], "wall_s": report["wall_s"],
-                                   "overhead_s": report["overhead_s"], "per_shard": report["per_shard"]}
+                                   "overhead_s": report["overhead_s"]}
         return metrics
 
 
