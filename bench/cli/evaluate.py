@@ -96,7 +96,7 @@ def run(args) -> int:
 
 # ------------------------------------------------------------------------------------------------- a trial
 def _evaluate_trial(args) -> int:
-    from bench.config import with_overrides
+    from bench.config import resolve_config, with_overrides
     from bench.eval_target import ModelRecipe, trial_weights
     from bench.files import atomic_write_json
     from bench.tasks import SupervisedTask, task_for
@@ -113,8 +113,6 @@ def _evaluate_trial(args) -> int:
     if result.get("status") != "ok" or result.get("stage") == "validation":
         raise ValueError(f"{run_dir}: not a finished, evaluated trial (status {result.get('status')!r}"
                          f"{', validation-only candidate' if result.get('stage') else ''})")
-    from bench.config import resolve_config
-
     trained = resolve_config(result["method"], {k: v for k, v in result["config"].items() if k != "method"})
     if task_for(get_method(trained.method)) is not SupervisedTask:
         raise ValueError(f"{run_dir}: {trained.method} is a few-shot (episodic) method; bench evaluate supports "
