@@ -80,13 +80,17 @@ def ds_config(cfg, world_size: int) -> dict[str, Any]:
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg):
     """``deepspeed.initialize`` with the method's client optimizer; ZeRO stage and bf16 from the config."""
+    from bench.logs import cpu_only_deepspeed, deepspeed_prints
+
     ensure_dist_env()
+    cpu_only_deepspeed(torch.cuda.is_available())
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+        with deepspeed_prints():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                       verbose=False)
     _, world_size = world()
     if cfg.bf16:
         # DeepSpeed casts parameters only; BN running statistics must follow or CPU kernels refuse the mix.
@@ -286,11 +290,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine, ckpt_dir: str | Path, epoch: int, client: dict[str, Any]) -> str:
+def save_checkpoint(engine, ckpt_dir: str | Path, epoch: int, client: dict[str, Any],
+                    keep_previous: bool = False) -> str:
     """Every rank calls this after epoch ``epoch``: DeepSpeed writes the weights and every rank's optimizer
     state (momentum, fp32 master copy) under the tag ``epochNNNN``, with ``client`` (plain data: the
     method's schedule state, the trial's counters) as JSON text; only then does ``latest`` move to the
-    new tag, so a kill at any point leaves the previous epoch's checkpoint whole and named."""
+    new tag, so a kill at any point leaves the previous epoch's checkpoint whole and named. The previous
+    epochs' folders are then removed unless ``keep_previous`` (``keep_checkpoints: all``)."""
     ckpt_dir = Path(ckpt_dir)
     tag = epoch_tag(epoch)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_KEY: json.dumps(client, default=float)},
@@ -299,11 +305,34 @@ def save_checkpoint(engine, ckpt_dir: str | Path, epoch: int, client: dict[str, 
     # written in place by rank 0 before that barrier, so a kill could leave it naming a partial tag.)
     if local_rank() == 0:  # one writer per node: nodes without a shared disk each keep their own folder
         atomic_write(ckpt_dir / LATEST, tag)
-        for old in ckpt_dir.glob("epoch*"):
-            if old.is_dir() and old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+        if not keep_previous:
+            _remove_epochs(ckpt_dir, keep=tag)
     _barrier()
     return tag
+
+
+def _remove_epochs(ckpt_dir: Path, keep: str | None) -> None:
+    for old in ckpt_dir.glob("epoch*"):
+        if old.is_dir() and old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: str) -> None:
+    """What a finished trial keeps of its epoch checkpoints (``best.pt``, the selected weights, always stays):
+    ``none`` removes them and ``latest`` (a rerun returns the finished result.json; nothing resumes),
+    ``last`` keeps the newest epoch (weights, optimizer and schedule state, to go on training from it),
+    ``all`` keeps every epoch. ``latest`` goes first, so a kill midway never leaves it naming a removed tag."""
+    ckpt_dir = Path(ckpt_dir)
+    if keep == "all" or not ckpt_dir.is_dir():
+        return
+    latest = ckpt_dir / LATEST
+    if keep == "none":
+        latest.unlink(missing_ok=True)
+        _remove_epochs(ckpt_dir, keep=None)
+    elif keep == "last":
+        _remove_epochs(ckpt_dir, keep=latest.read_text().strip() if latest.exists() else None)
+    else:
+        raise ValueError(f"keep_checkpoints={keep!r}; valid: none, last, all")
 
 
 def load_latest(engine, ckpt_dir: str | Path) -> dict[str, Any] | None:

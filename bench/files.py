@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_json"]
+__all__ = ["atomic_write", "atomic_write_json", "check_writable"]
 
 
 def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
@@ -40,3 +40,18 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> 
         except (TypeError, ValueError):
             return str(v)
     return atomic_write(path, json.dumps(obj, indent=indent, default=default))
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> Path:
+    """Raise ValueError, one line naming ``folder``, when it cannot be created or written; checked by really
+    creating it and a probe file in it (permission bits say nothing for root, and a read-only mount or a
+    path under a file fails only when tried). Called before any work, so a bad --out costs nothing."""
+    folder = Path(folder)
+    probe = folder / f".bench-write-probe.{socket.gethostname()}.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write the {what} {folder}: {exc.strerror or exc}") from None
+    return folder

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -19,8 +20,8 @@ from tqdm.auto import tqdm
 from bench.backbones import check_backbone, create_backbone
 from bench.config import config_hash, save_config
 from bench.engine import (BEST, broadcast_, build_engine, full_state_dict, load_best, load_full_state,
-                          load_latest, save_best, save_checkpoint, sync_buffers, train_autocast, trial_device,
-                          world)
+                          load_latest, prune_checkpoints, save_best, save_checkpoint, sync_buffers, train_autocast,
+                          trial_device, world)
 from bench.files import atomic_write_json
 from bench.prerequisites import in_run_dir
 from bench.tasks import task_for
@@ -76,19 +77,34 @@ def check_inputs(cfg: BaseConfig, data_root: str | Path | None) -> Path:
 def run_trial(cfg: BaseConfig, out_dir: str | Path, *, data_root: str | Path | None = None,
               progress: bool = True, epoch_callback: EpochCallback | None = None, run_id: str | None = None,
               group: str | None = None, sweep: dict | None = None, track: bool = True,
-              evaluate: bool = True, prerequisites_dir: str | Path | None = None) -> dict[str, Any]:
+              evaluate: bool = True, prerequisites_dir: str | Path | None = None,
+              label: str | None = None) -> dict[str, Any]:
     """Run one trial into ``out_dir`` and return its result (also written to ``out_dir/result.json``).
 
     A trial whose method needs runs first (``Method.prerequisite_runs``, e.g. an ``amt`` pool's members)
     runs them here, one after the other, into ``prerequisites_dir`` (default ``out_dir/_prerequisites``;
-    finished runs found there are reused), then the trial the method assembles from them."""
+    finished runs found there are reused), then the trial the method assembles from them. ``label`` names the
+    trial in progress bars and lines (default: ``trial_label(cfg)``)."""
     out_dir = Path(out_dir)
     ds_dir = check_inputs(cfg, data_root)
     if is_pool_config(cfg):
         cfg = train_pool(cfg, out_dir, data_root=data_root, progress=progress, group=group, track=track,
                          root=prerequisites_dir)
     return Trial(cfg, out_dir, ds_dir, progress=progress, epoch_callback=epoch_callback, run_id=run_id,
-                 group=group, sweep=sweep, track=track, evaluate=evaluate, data_root=data_root).run()
+                 group=group, sweep=sweep, track=track, evaluate=evaluate, data_root=data_root, label=label).run()
+
+
+def trial_label(cfg: BaseConfig, member: tuple[int, int] | None = None) -> str:
+    """What progress bars and lines call a trial: ``amt member 1/2 (eps 8/255) on digits`` for a pool
+    member (``member``: its index and the pool size), ``amt (merged pool) on digits``, ``rft on digits``."""
+    what = cfg.method
+    member_eps = getattr(cfg, "member_eps", None)
+    if member_eps is not None or member is not None:
+        what += " member" + (f" {member[0]}/{member[1]}" if member else "")
+        what += f" (eps {member_eps:g}/255)" if member_eps is not None else ""
+    elif getattr(cfg, "pool_dir", None):
+        what += " (merged pool)"
+    return f"{what} on {cfg.dataset}"
 
 
 def train_pool(cfg: BaseConfig, out_dir: str | Path, *, data_root=None, progress: bool = True,
@@ -101,7 +117,8 @@ def train_pool(cfg: BaseConfig, out_dir: str | Path, *, data_root=None, progress
     from bench.prerequisites import PREREQUISITES_DIR, assemble, finished_result, prerequisite_runs
 
     root = Path(root) if root is not None else Path(out_dir) / PREREQUISITES_DIR
-    for run in prerequisite_runs(cfg):
+    runs = prerequisite_runs(cfg)
+    for i, run in enumerate(runs, 1):
         run_dir = root / run.name
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         # runs in a shared folder (--pool-cache) may be wanted by two `bench run`s at once: trained once
@@ -109,8 +126,9 @@ def train_pool(cfg: BaseConfig, out_dir: str | Path, *, data_root=None, progress
             if finished_result(run_dir) is None:
                 # its own test evaluation would be thrown away: the trial that needs it is evaluated.
                 # Its run id is its config's (the run's identity), so a reused run keeps one W&B run.
-                run_trial(run.resolved(), run_dir, data_root=data_root, progress=progress, group=group,
-                          track=track, evaluate=False)
+                run_cfg = run.resolved()
+                run_trial(run_cfg, run_dir, data_root=data_root, progress=progress, group=group,
+                          track=track, evaluate=False, label=trial_label(run_cfg, member=(i, len(runs))))
     return assemble(cfg, root, out_dir)
 
 
@@ -125,8 +143,12 @@ class Trial:
     (``bench/tasks.py``: supervised or episodic)."""
 
     def __init__(self, cfg, out_dir: Path, ds_dir: Path, *, progress, epoch_callback, run_id, group, sweep,
-                 track, evaluate=True, data_root=None):
+                 track, evaluate=True, data_root=None, label=None):
         self.evaluate, self.data_root = evaluate, data_root
+        self.label = label or trial_label(cfg)
+        # a terminal gets progress bars; a log file or pipe plain lines (a bar there is cursor codes)
+        shown = progress and world()[0] == 0
+        self.bars, self.lines = shown and sys.stderr.isatty(), shown and not sys.stderr.isatty()
         self.cfg, self.out_dir, self.ds_dir = cfg, out_dir, ds_dir
         self.run_cfg = in_run_dir(cfg, out_dir)
         self.progress, self.epoch_callback, self.group, self.sweep, self.track = (
@@ -149,9 +171,12 @@ class Trial:
         self._build()
         self.task.open()
         history = self._resume()  # a killed trial resumes after its last finished epoch
+        if self.start_epoch and self.rank == 0:
+            print(f"{self.label}: resuming from epoch {self.start_epoch + 1}/{cfg.epochs} ({self.start_epoch} done, "
+                  f"checkpoint in {self.ckpt_dir})", flush=True)
         self.tracker = self._start_tracking()
-        bar = tqdm(desc=f"{cfg.method} on {cfg.dataset}", initial=self.start_epoch, total=cfg.epochs, unit="epoch",
-                   disable=not self.progress or self.rank != 0)
+        self.bar = bar = tqdm(desc=self.label, initial=self.start_epoch, total=cfg.epochs, unit="epoch",
+                              disable=not self.bars)
         for epoch in range(self.start_epoch, cfg.epochs if self.method.needs_training else self.start_epoch):
             val, stop = self._epoch(epoch, history)
             bar.set_postfix({k: f"{v:.3f}" for k, v in val.items()})
@@ -171,15 +196,21 @@ class Trial:
         t_eval = time.time()
         result = self._identity()
         if self.evaluate:
-            result.update(self.task.evaluate(self.method, progress=self.progress, state_dir=self.out_dir))
+            if self.progress:
+                print(f"{self.label}: testing the selected weights ({_attacks(cfg)})", flush=True)
+            result.update(self.task.evaluate(self.method, progress=self.bars, state_dir=self.out_dir))
         else:  # a validation-only candidate (a pool member, a merge-search setting): the leaderboard skips it
             result["stage"] = "validation"
         result.update(cost=self._cost(t0, eval_s=time.time() - t_eval), history=history,
                       method_summary={**self.method.summary(), "selected_epoch": selected_epoch}, status="ok")
         atomic_write_json(self.out_dir / "result.json", result)
+        # finished: a rerun returns result.json, so the epoch checkpoints only serve keep_checkpoints' uses
+        prune_checkpoints(self.ckpt_dir, cfg.keep_checkpoints)
         if self.tracker is not None:
             for note in self.tracker.finish(_flat_summary(result)) or []:
                 print(note)
+            if self.tracker.sync_hint and not self.sweep:  # a sweep prints one command for all its runs
+                print(self.tracker.sync_hint)
         return result
 
     # --- set-up ----------------------------------------------------------------------------------------
@@ -239,13 +270,13 @@ class Trial:
     def _start_tracking(self):
         if not self.track or self.rank != 0:
             return None
-        from bench.report.tracking import start_run
+        from bench.report.tracking import run_name, start_run
 
         cfg = self.cfg
+        swept = (self.sweep or {}).get("swept") or {}
         # the W&B run's config carries the provenance too (the sidecar files' sha256, not their text)
         return start_run({**cfg.to_dict(), "provenance": self._provenance()}, self.out_dir, run_id=self.run_id,
-                         name=self.run_id, group=self.group,
-                         tags=[cfg.method, cfg.dataset, cfg.backbone], job_type=cfg.method)
+                         name=run_name(cfg.to_dict(), swept), group=self.group, tags=[cfg.method, cfg.dataset, cfg.backbone], job_type=cfg.method)
 
     # --- one epoch -------------------------------------------------------------------------------------
     def _epoch(self, epoch: int, history: list[dict]) -> tuple[dict[str, float], bool]:
@@ -258,7 +289,9 @@ class Trial:
         sync_buffers(self.engine)  # what the checkpoint keeps is what every rank goes on with
         # every rank decides on rank 0's validation figures (BN statistics may differ between ranks),
         # so that all take the same collective steps below
+        self._say(f"{self.label}: validating epoch {epoch + 1}/{cfg.epochs} ({_attacks(cfg, val=True)})")
         val = self._from_rank0(self.task.validate(self.method))
+        self.bar.set_description_str(self.label)
         decision = self.method.end_epoch(epoch, val)
         row = {"epoch": epoch, **logs, **val, "lr": logs.get("lr", self.method.current_lr())}
         history.append(row)
@@ -270,8 +303,13 @@ class Trial:
             load_full_state(self.engine, best["model"] if best else None)
         save_checkpoint(self.engine, self.ckpt_dir, epoch,
                         {"epoch": epoch, "method": self.method.state_dict(), "images_seen": self.images_seen,
-                         "train_s": self.train_s, "history": history})
+                         "train_s": self.train_s, "history": history},
+                        keep_previous=cfg.keep_checkpoints == "all")
         self._report_epoch(history, row, self.ckpt_dir)
+        if self.lines:  # after the checkpoint: the line means the epoch is saved
+            shown = {k: v for k, v in row.items() if k == "train_loss" or k.startswith("val_")}
+            print(f"{self.label}: epoch {epoch + 1}/{cfg.epochs} " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()),
+                  flush=True)
         return val, decision.stop or epoch == cfg.epochs - 1
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -282,7 +320,7 @@ class Trial:
         sums: dict[str, float] = {}
         n_steps = 0
         bar = tqdm(self.task.train_batches(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, disable=not self.progress or self.rank != 0)
+                   leave=False, disable=not self.bars)
         for step, batch in enumerate(bar):
             if step >= steps:
                 break
@@ -298,6 +336,13 @@ class Trial:
                 bar.set_postfix(loss=f"{step_logs['train_loss']:.3f}")
         logs.update({k: v / max(1, n_steps) for k, v in sums.items()})
         return logs
+
+    def _say(self, text: str) -> None:
+        """What the trial is doing now: the epoch bar's description in a terminal, else a line."""
+        if self.bars:
+            self.bar.set_description_str(text)
+        elif self.lines:
+            print(text, flush=True)
 
     def _report_epoch(self, history: list[dict], row: dict[str, Any], ckpt_dir: Path | None) -> None:
         """history.json, the tracker and the caller's callback (a sweep's report to Tune) learn of ``row``."""
@@ -371,6 +416,15 @@ class Trial:
 
             self._provenance_block = capture(self.cfg, self.out_dir, self.data_root)
         return self._provenance_block
+
+
+def _attacks(cfg, val: bool = False) -> str:
+    """What validation or the test attacks, for progress lines: ``clean, PGD-10 at eps 8/255, AutoAttack standard``."""
+    steps = cfg.val_pgd_steps if val else cfg.eval_pgd_steps
+    parts = ["clean"] + ([f"PGD-{steps} at eps {cfg.eps * 255:g}/255"] if steps > 0 else [])
+    if not val and cfg.autoattack_version != "off" and not get_method(cfg.method).episodic:
+        parts.append(f"AutoAttack {cfg.autoattack_version}")
+    return ", ".join(parts)
 
 
 def _pool_cost(cfg) -> dict[str, Any] | None:

@@ -37,6 +37,7 @@ TRANSFORMS = ("auto", "cifar", "imagenet224", "amt128", "none")
 ROLES = ("result", "seed", "speed", "pool")
 # The largest eps (pixel scale) accepted without allow_large_eps: the papers' budgets go up to 16/255.
 MAX_EPS = 16 / 255
+KEEP_CHECKPOINTS = ("none", "last", "all")
 # In a string override of Method.prerequisite_runs: the folder the run writes to (e.g. where it saves an adapter).
 RUN_DIR = "{run_dir}"
 
@@ -101,6 +102,9 @@ class BaseConfig:
     bf16_autocast: bool = False  # training steps (attack included) under bf16 autocast; evaluation fp32
     channels_last: bool = setting(False, role="speed", doc="NHWC memory layout for the convolutions")
     compile: bool = setting(False, role="speed", doc="compile the engine's module in place (attacks included)")
+    # What a finished trial keeps of DeepSpeed's per-epoch checkpoint (best.pt, the selected weights, always
+    # stays): "none" (default, lean folders), "last" (the last epoch's weights and optimizer state), "all".
+    keep_checkpoints: str = setting("none", role="speed", doc="none | last | all: epoch checkpoints kept after a trial")
     # data
     image_size: int | None = None  # None: the manifest's size
     augment: bool = True  # training-time augmentation of `transform` (off: its eval transform for training too)
@@ -161,6 +165,8 @@ class BaseConfig:
             raise ValueError(f"transform={self.transform!r}; valid: {', '.join(TRANSFORMS)}")
         if self.input_resize is not None and self.input_resize <= 0:
             raise ValueError(f"input_resize={self.input_resize} must be positive or null (off)")
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r}; valid: {', '.join(KEEP_CHECKPOINTS)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage={self.zero_stage}; valid: 0, 1, 2, 3")
 

@@ -185,11 +185,12 @@ def test_wandb_report_file_offline(tmp_path):
     scatters = [p for p in panels if p["type"] == "ScatterPlot"]
     assert {s["title"].split(":")[0] for s in scatters} == {"digits", "cifar10", "cub"}  # one per data set
     axes = {(s["x"]["type"], s["x"]["name"], s["y"]["name"]) for s in scatters}
-    assert ("SummaryMetric", "clean_acc", "autoattack_acc") in axes
-    assert ("SummaryMetric", "fewshot/clean_acc", "fewshot/adv_acc") in axes  # cub is few-shot only
+    # the trials' W&B summary names (bench.report.tracking: test metrics under test/)
+    assert ("SummaryMetric", "test/clean_acc", "test/autoattack_acc") in axes
+    assert ("SummaryMetric", "test/fewshot_clean_acc", "test/fewshot_adv_acc") in axes  # cub is few-shot only
     (pc,) = [p for p in panels if p["type"] == "ParallelCoordinatesPlot"]
     assert {"type": "Config", "name": "lr"} in [c["metric"] for c in pc["columns"]]  # the swept setting
-    assert {"type": "SummaryMetric", "name": "val_pgd_acc"} in [c["metric"] for c in pc["columns"]]  # selection
+    assert {"type": "SummaryMetric", "name": "val/pgd_acc"} in [c["metric"] for c in pc["columns"]]  # selection
     runsets = [rs for g in grids for rs in g["runsets"]]
     assert any(rs["groupby"] == ["config.method"] for rs in runsets)
     assert "Config('dataset') = 'digits'" in [rs["filters"] for rs in runsets]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -201,3 +202,76 @@ def test_cpu_has_native_bf16_reads_cpu_flags(flags, native):
     from bench.engine import cpu_has_native_bf16
 
     assert cpu_has_native_bf16(f"processor\t: 0\nflags\t\t: {flags}\n") is native
+
+
+# --- the first hour: Ctrl-C, unwritable folders, lean run folders ------------------------------------------
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(shards_root, tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C sends) after the first epoch: one line naming what was
+    saved and the command that resumes, exit 130, no traceback; the rerun says it resumes and finishes. The
+    finished run keeps best.pt and drops DeepSpeed's epoch checkpoints (keep_checkpoints: none, the default)."""
+    out = tmp_path / "ctrl c"
+    args = ["run", "--method", "ft", "--backbone", "tiny_cnn", "--data-root", str(shards_root), "--out", str(out),
+            "--set", "epochs=3", "--set", "autoattack_version=off", *TINY]
+    e = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "BENCH_DEBUG"):
+        e.pop(k, None)
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = proc.stdout.readline()
+    assert first.startswith("bench run: ft on digits (tiny_cnn): loading") and time.time() - t0 < 60, first
+    lines = []  # without a terminal, progress is plain lines, one per epoch
+    while proc.poll() is None:
+        lines.append(proc.stdout.readline())
+        if lines[-1].startswith("ft on digits: epoch 1/3 "):
+            break
+    assert "val_pgd_acc" in lines[-1], lines
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.strip()]
+    assert len(said) == 1 and said[0].startswith("bench run: interrupted; epochs 1-"), stderr
+    assert "Traceback" not in stderr + stdout and "\x1b[" not in stderr + stdout
+    again = said[0].split("resume with: ")[1]
+    assert shlex.split(again)[1:] == args  # the command as given, quoted (the folder has a space)
+    assert not (out / "result.json").exists()
+
+    p = bench(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ft on digits: resuming from epoch 2/3" in p.stdout or "ft on digits: resuming from epoch 3/3" in p.stdout
+    assert [h["epoch"] for h in json.loads((out / "result.json").read_text())["history"]] == [0, 1, 2]
+    assert sorted(f.name for f in (out / "checkpoints").iterdir()) == ["best.pt"]
+    assert "bench wandb-sync " in p.stdout
+
+
+def test_unwritable_out_is_one_line_before_work(shards_root, tmp_path):
+    """The tests run as root, for whom a chmod-ed folder stays writable: the honest unwritable --out here is a
+    path under a regular file (bench.files.check_writable tries a real write, so it also catches read-only
+    mounts and, for other users, permissions)."""
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    out = blocker / "run"
+    p = bench("run", "--method", "ft", "--backbone", "tiny_cnn", "--data-root", str(shards_root), "--out", str(out),
+              "--set", "epochs=1")
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"bench run: error: cannot write the run folder {out}: "), p.stderr
+
+
+@pytest.mark.parametrize("keep, epochs_left, latest", [("last", ["epoch0001"], "epoch0001"),
+                                                       ("all", ["epoch0000", "epoch0001"], "epoch0001"),
+                                                       ("none", [], None)])
+def test_finished_trial_keeps_checkpoints_as_configured(shards_root, tmp_path, keep, epochs_left, latest):
+    from bench.config import resolve_config
+    from bench.trial import run_trial
+
+    cfg = resolve_config("ft", {"backbone": "tiny_cnn", "epochs": 2, "max_train_samples": 64, "n_eval": 32,
+                                "n_val": 32, "batch_size": 32, "autoattack_version": "off", "eval_pgd_steps": 1,
+                                "val_pgd_steps": 1, "keep_checkpoints": keep})
+    out = tmp_path / keep
+    run_trial(cfg, out, data_root=shards_root, progress=False, track=False)
+    ckpt = out / "checkpoints"
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == epochs_left
+    assert (ckpt / "best.pt").is_file()
+    assert ((ckpt / "latest").read_text() if (ckpt / "latest").exists() else None) == latest
+    assert (out / "result.json").is_file() and (out / "history.json").is_file()

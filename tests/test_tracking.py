@@ -51,8 +51,8 @@ def test_offline_run_history_summary_and_local_copy(tmp_path):
     assert run.mode == "offline"
     for e, m in enumerate(_epochs()):
         run.log(m, step=e)
-    notes = run.finish({"metrics": {"clean_acc": 0.9, "pgd_acc": 0.35}, "cost": {"wall_s": 1.5}})
-    assert any("wandb sync" in n for n in notes), notes
+    run.finish({"metrics": {"clean_acc": 0.9, "pgd_acc": 0.35}, "cost": {"wall_s": 1.5}})
+    assert run.sync_hint == f"W&B run saved offline; upload it with: bench wandb-sync {out}"
 
     # the run lands beside result.json
     run_dir = run.run_dir
@@ -62,16 +62,20 @@ def test_offline_run_history_summary_and_local_copy(tmp_path):
     assert runrec.run_id == "trial0001" and runrec.run_group == "smoke" and runrec.job_type == "autolora"
     assert list(runrec.tags) == ["autolora", "digits", "resnet18"]
     hist = _history(recs)
-    assert [h["val_pgd_acc"] for h in hist] == [0.2, 0.4, 0.3]
+    # namespaced as W&B users expect: validation under val/, training (loss, lr, λ) under train/
+    assert [h["val/pgd_acc"] for h in hist] == [0.2, 0.4, 0.3]
+    assert [h["train/loss"] for h in hist] == [1.0, 0.5, 1 / 3] and [h["train/lambda1"] for h in hist][0] == 1.0
+    assert not [k for h in hist for k in h if "_" in k.split("/")[0] and not k.startswith("_")], hist
     assert [h["epoch"] for h in hist] == [0, 1, 2]
     metric_defs = [r.metric for r in recs if r.WhichOneof("record_type") == "metric"]
-    pgd = [m for m in metric_defs if m.name == "val_pgd_acc"][0]
+    pgd = [m for m in metric_defs if m.name == "val/pgd_acc"][0]
     assert pgd.summary.max and pgd.step_metric == "epoch"
     summary = {}
     for r in recs:
         if r.WhichOneof("record_type") == "summary":
             summary.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.summary.update})
-    assert summary["clean_acc"] == 0.9 and summary["pgd_acc"] == 0.35 and summary["cost/wall_s"] == 1.5
+    assert summary["test/clean_acc"] == 0.9 and summary["test/pgd_acc"] == 0.35 and summary["cost/wall_s"] == 1.5
+    assert "clean_acc" not in summary and "pgd_acc" not in summary  # test metrics never bare beside val/
 
     local = tracking.read_metrics(out)
     assert [r["val_pgd_acc"] for r in local if r["kind"] == "history"] == [0.2, 0.4, 0.3]
@@ -101,9 +105,9 @@ def test_unreachable_server_falls_back_offline_and_keeps_metrics(tmp_path, monke
     assert any("falling back to offline" in n for n in run.notes)
     for e, m in enumerate(_epochs()):
         run.log(m, step=e)
-    notes = run.finish({"metrics": {"clean_acc": 0.8}})
-    assert any("wandb sync" in n for n in notes)
-    assert [h["val_pgd_acc"] for h in _history(_records(run.run_dir))] == [0.2, 0.4, 0.3]
+    run.finish({"metrics": {"clean_acc": 0.8}})
+    assert "bench wandb-sync" in run.sync_hint
+    assert [h["val/pgd_acc"] for h in _history(_records(run.run_dir))] == [0.2, 0.4, 0.3]
     assert len([r for r in tracking.read_metrics(out) if r["kind"] == "history"]) == 3
 
 
@@ -145,12 +149,12 @@ def _final_summary(records) -> dict:
     return summary
 
 
-# (config's select_metric, the metric that should summarise as its best, another metric that keeps its last)
+# (config's select_metric, the W&B metric that should summarise as its best, another that keeps its last)
 SELECTION_CASES = [
-    (None, "val_pgd_acc", "val_fewshot_acc"),  # the BaseConfig default
-    ("val_pgd_acc", "val_pgd_acc", "val_clean_acc"),  # autolora, rft, amt
-    ("val_fewshot_acc", "val_fewshot_acc", "val_pgd_acc"),  # pmf
-    ("val_clean_acc", "val_clean_acc", "val_pgd_acc"),  # vanilla fine-tuning
+    (None, "val/pgd_acc", "val/fewshot_acc"),  # the BaseConfig default
+    ("val_pgd_acc", "val/pgd_acc", "val/clean_acc"),  # autolora, rft, amt
+    ("val_fewshot_acc", "val/fewshot_acc", "val/pgd_acc"),  # pmf
+    ("val_clean_acc", "val/clean_acc", "val/pgd_acc"),  # vanilla fine-tuning
 ]
 
 
@@ -166,4 +170,68 @@ def test_summary_of_selection_metric_is_its_best_epoch(tmp_path, select_metric, 
     summary = _final_summary(_records(run.run_dir))
     assert summary[best] == {"max": 0.5}
     assert summary[last] == 0.4
-    assert summary["clean_acc"] == 0.9
+    assert summary["test/clean_acc"] == 0.9
+
+
+def test_run_name_says_method_dataset_seed_and_swept_settings():
+    config = {"method": "autolora", "dataset": "digits", "seed": 2, "lr": 0.01, "rank": 8}
+    assert tracking.run_name(config, {"method": "autolora", "seed": 2, "lr": 0.01, "rank": 8}) == \
+        "autolora-digits-s2-lr=0.01-rank=8"
+    assert tracking.run_name(config) == "autolora-digits-s2"  # a `bench run`: nothing swept
+    member = {"method": "amt", "dataset": "digits", "seed": 0, "member_eps": 8.0}
+    assert tracking.run_name(member, {"method": "amt", "seed": 0, "prerequisite": "amt-1a2b-s0"}) == \
+        "amt-digits-s0-member-eps=8"
+
+
+def test_resumed_trial_continues_its_run_and_one_command_syncs_every_run(tmp_path, capsys):
+    """A trial started twice (killed after epoch 1, resumed) writes one offline folder per start, both with its
+    run id (resume="allow"), the second going on from epoch 2: `wandb sync` appends them into one run. The
+    sync command lists every run of a results folder with a space in its path, Tune's copies left out."""
+    import shlex
+
+    from bench.cli import main
+
+    results = tmp_path / "my results"
+    out = results / "rft_s0_abc12_00000"
+    config = {"method": "rft", "dataset": "digits", "seed": 0, "lr": 0.05}
+    name = tracking.run_name(config, {"method": "rft", "seed": 0, "lr": 0.05})
+    for start, epochs in ((0, 2), (2, 3)):  # the first start ends without finish(): killed
+        run = tracking.start_run(config, out, run_id="abc12_00000", name=name, group="smoke", tags=["rft"],
+                                 job_type="rft")
+        for e in range(start, epochs):
+            run.log(_epochs()[e], step=e)
+        if epochs == 3:
+            run.finish({"metrics": {"clean_acc": 0.9}})
+        else:
+            tracking.close_service()
+    runs = tracking.offline_runs(results)
+    assert len(runs) == 2 and all(r.parent == out / "wandb" for r in runs)
+    starts = []
+    for r in runs:
+        recs = _records(r)
+        (runrec,) = [x.run for x in recs if x.WhichOneof("record_type") == "run"]
+        assert runrec.run_id == "abc12_00000" and runrec.display_name == "rft-digits-s0-lr=0.05"
+        assert runrec.run_group == "smoke"
+        starts.append([h["epoch"] for h in _history(recs)])
+    assert starts == [[0, 1], [2]]  # the resumed start goes on where the first stopped, in the same run
+
+    copy = results / "_tune" / "smoke" / "trial" / "wandb"  # an old sweep's Tune checkpoint copy
+    copy.mkdir(parents=True)
+    (copy / runs[0].name).mkdir()
+    (copy / runs[0].name / "run-x.wandb").write_bytes(b"")
+    assert tracking.offline_runs(results) == runs
+
+    hint = run.sync_hint.split("upload it with: ")[1]
+    assert shlex.split(hint) == ["bench", "wandb-sync", str(out)]  # quoted: the path has a space
+    assert main(["wandb-sync", str(results), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    argv = shlex.split(printed)
+    assert argv[1] == "sync" and argv[2:] == [str(r) for r in runs]
+
+
+def test_wandb_sync_of_a_folder_without_runs_is_one_line(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["wandb-sync", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no offline W&B runs under" in err[0]

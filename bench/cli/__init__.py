@@ -10,7 +10,8 @@ from pathlib import Path
 # Subcommand modules, each with ``add_parser(subparsers)``; imported lazily so ``bench run`` never pays
 # for Ray and ``bench leaderboard`` never pays for DeepSpeed.
 SUBCOMMANDS = ("bench.cli.shards", "bench.cli.run", "bench.cli.evaluate", "bench.cli.reproduce", "bench.sweep.driver",
-               "bench.report.leaderboard", "bench.perf")
+               "bench.report.leaderboard", "bench.perf", "bench.cli.wandb_sync")
+INTERRUPTED = 130  # the shell's exit status of a command ended by Ctrl-C (128 + SIGINT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,15 +31,45 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from bench.logs import quiet_routine_output
+
+    quiet_routine_output()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except KeyboardInterrupt:
+        # Ctrl-C: one line saying what was kept and how to go on (BENCH_DEBUG=1 shows the traceback)
         if os.environ.get("BENCH_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        _close_bars()
+        say = getattr(args, "on_interrupt", None)
+        try:
+            line = say(args, argv) if say else "interrupted"
+        except Exception:  # noqa: BLE001 - the message must not become a traceback itself
+            line = "interrupted"
+        print(f"\nbench {args.command}: {line}", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except (ValueError, FileNotFoundError, KeyError, PermissionError) as e:
+        if os.environ.get("BENCH_DEBUG"):
+            raise
+        if isinstance(e, PermissionError) and e.filename:
+            msg = f"cannot write {e.filename}: {e.strerror}"
+        else:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"bench {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _close_bars() -> None:
+    """Progress bars left open by the interrupted work close now, not over the message below them."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 if __name__ == "__main__":

@@ -25,11 +25,29 @@ def add_parser(sub) -> None:
                         "named by their settings, so runs that differ only in merge settings share the members "
                         "(default: OUT/_prerequisites)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_interrupt=_interrupted)
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    """What Ctrl-C left: the finished epochs (kept by the checkpoint) and the command that resumes after them."""
+    import shlex
+
+    out = getattr(args, "resolved_out", None)
+    again = f"bench {shlex.join(argv)}" + ("" if args.out else f" --out {shlex.quote(str(out))}" if out else "")
+    done = 0
+    try:
+        done = len(json.loads((Path(out) / "history.json").read_text())) if out else 0
+    except (OSError, ValueError):
+        pass
+    kept = f"epochs 1-{done} are saved in {out}" if done else "no epoch finished yet"
+    return f"interrupted; {kept}; resume with: {again}"
 
 
 def run(args) -> int:
+    # the first line, before the imports and the set-up (torch, the data, the backbone, DeepSpeed: seconds)
+    print(f"bench run: {args.method} on {args.dataset} ({args.backbone}): loading", flush=True)
     from bench.config import PATH_FIELDS, absolute_paths, config_hash, parse_set_args, resolve_config, with_overrides
+    from bench.files import check_writable
     from bench.trial import check_inputs, run_trial, write_error_result
     from data_shards.reader import ShardError
 
@@ -44,6 +62,8 @@ def run(args) -> int:
         cfg = with_overrides(cfg, absolute_paths(paths))
     out = args.out or Path("runs") / f"{cfg.method}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}"
     check_inputs(cfg, args.data_root)  # bad input: main() says so in one line, before any work
+    args.resolved_out = out
+    check_writable(out, "run folder")
     failure = None
     try:
         result = run_trial(cfg, out, data_root=args.data_root, progress=not args.no_progress,

@@ -11,6 +11,7 @@ def _fail(msg: str) -> int:
 
 
 def _make(args) -> int:
+    print(f"bench shards make {args.name}: loading", flush=True)  # the first line, before seconds of imports
     from data_shards.converters import CONVERTERS, convert
     from data_shards.paths import default_root
 

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 SECTIONS = {
     "loader": ("bench.perf.loader", "loader_benchmark"),
     "autolora_step": ("bench.perf.autolora_step", "autolora_step_benchmark"),
@@ -29,7 +27,15 @@ def add_parser(sub) -> None:
     p.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run only these sections")
     p.add_argument("--quick", action="store_true", help="short runs (about a minute a section)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_interrupt=_interrupted)
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    """Ctrl-C: nothing is printed or written, since a measurement cut short is no figure (Tune's own Ctrl-C
+    handling surfaces as an interrupted sweep, bench.sweep.driver.SweepInterrupted)."""
+    import shlex
+
+    return f"interrupted; no figures recorded{f' in {args.out}' if args.out else ''}; rerun: bench {shlex.join(argv)}"
 
 
 def _loader_vs_training(report: dict) -> None:
@@ -57,6 +63,14 @@ def _loader_vs_training(report: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    print(f"bench perf: {', '.join(args.only or SECTIONS)}{' (quick)' if args.quick else ''}: loading",
+          file=sys.stderr, flush=True)
+    import torch
+
+    if args.out:
+        from bench.files import check_writable
+
+        check_writable(args.out.parent, "folder of --out")
     report = {"host": {"python": platform.python_version(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
                        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}}

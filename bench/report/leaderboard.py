@@ -89,6 +89,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if not results.is_dir():
         print(f"results folder {results} does not exist", file=sys.stderr)
         return 2
+    print(f"bench leaderboard: reading {results}", file=sys.stderr, flush=True)  # pandas and the plots take seconds
     rows = build_leaderboard(results, Path(args.out) if args.out else None, wandb_log=args.wandb,
                              wandb_report=args.wandb_report, console=True)
     if not rows:

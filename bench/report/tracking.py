@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -96,23 +97,37 @@ def _flat_numbers(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def summary_items(summary: dict | None) -> dict:
-    """Flat W&B summary of a trial's final metrics.
+def history_key(key: str) -> str:
+    """A per-epoch metric's W&B name, namespaced as W&B users expect: ``val_pgd_acc`` -> ``val/pgd_acc``,
+    ``train_loss`` -> ``train/loss``, anything else a training step logs (lr, λ...) -> ``train/lr``;
+    ``epoch`` (the step metric) and already-namespaced keys stay."""
+    if key == "epoch" or "/" in key:
+        return key
+    for prefix in ("val", "train", "test"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return f"train/{key}"
 
-    The keys of a nested ``"metrics"`` dict (result.json's block) go to the top level (``clean_acc``,
-    ``pgd_acc``, ``autoattack_acc``...); other nested dicts keep a prefix (``fewshot/adv_acc``, ``cost/wall_s``).
-    The W&B report built by ``bench leaderboard --wandb-report`` relies on these names.
-    """
-    s = dict(summary or {})
-    flat: dict = {}
-    metrics = s.pop("metrics", None)
-    if isinstance(metrics, dict):
-        flat.update(_flat_numbers(_jsonable(metrics)))
-    elif metrics is not None:
-        s["metrics"] = metrics
-    for k, v in _flat_numbers(_jsonable(s)).items():
-        flat[k[len("metrics/"):] if k.startswith("metrics/") else k] = v  # already-flat "metrics/clean_acc"
-    return flat
+
+# result.json's blocks in a run summary: the test metrics under test/ (few-shot ones as test/fewshot_*)
+SUMMARY_PREFIX = {"metrics": "test/", "fewshot": "test/fewshot_", "cost": "cost/"}
+
+
+def summary_key(key: str) -> str:
+    """The W&B summary name of a trial's final figure: ``metrics/clean_acc`` -> ``test/clean_acc``,
+    ``fewshot/adv_acc`` -> ``test/fewshot_adv_acc``, ``cost/wall_s`` stays."""
+    block, sep, name = key.partition("/")
+    if sep and block in SUMMARY_PREFIX:
+        return SUMMARY_PREFIX[block] + name.replace("/", "_")
+    return key
+
+
+def summary_items(summary: dict | None) -> dict:
+    """Flat W&B summary of a trial's final metrics (result.json's blocks, nested or already flat
+    ``"metrics/clean_acc"``), named by :func:`summary_key`: ``test/clean_acc``, ``test/pgd_acc``,
+    ``test/fewshot_adv_acc``, ``cost/wall_s``. The W&B report built by ``bench leaderboard --wandb-report``
+    relies on these names."""
+    return {summary_key(k): v for k, v in _flat_numbers(_jsonable(dict(summary or {}))).items()}
 
 
 def wait_flushed(run_dir: Path | None, timeout: float | None = None) -> bool:
@@ -171,6 +186,7 @@ class TrackedRun:
         self.failed_logs = 0
         self.n_logged = 0
         self._finished = False
+        self.sync_hint: str | None = None  # the command that uploads this trial's offline run(s), once finished
         self.metrics_path = self.out_dir / METRICS_FILE
         self._run_dir: Path | None = None
         try:
@@ -204,7 +220,9 @@ class TrackedRun:
             if self.run is None or self._finished:
                 return
             try:
-                self.run.log(_flat_numbers(_jsonable(record)), step=int(step))
+                # step=epoch: the segments of a resumed run (one offline folder per start) line up when synced
+                self.run.log({history_key(k): v for k, v in _flat_numbers(_jsonable(record)).items()},
+                             step=int(step))
             except Exception as exc:
                 self.failed_logs += 1
                 if self.failed_logs == 1:
@@ -242,12 +260,45 @@ class TrackedRun:
             if self.mode == "offline" and run_dir is not None:
                 if not wait_flushed(run_dir):
                     notes.append(f"W&B offline log {run_dir} not flushed yet; metrics.jsonl has every metric")
-                notes.append(f"W&B run saved offline; upload later with: wandb sync {run_dir}")
+                self.sync_hint = f"W&B run saved offline; upload it with: {sync_command(self.out_dir)}"
             elif self.mode == "none":
                 notes.append(f"no W&B run; metrics are in {self.metrics_path}")
         except Exception as exc:
             notes.append(f"tracking finish error: {exc!r}")
         return list(notes)
+
+
+def run_name(config: dict, swept: dict | None = None) -> str:
+    """A trial's W&B display name: method, data set, seed, then the settings its sweep varies
+    (``autolora-digits-s0-lr=0.01-rank=8``) and, for an AMT pool member, its attack strength."""
+    parts = [str(config.get("method")), str(config.get("dataset")), f"s{config.get('seed', 0)}"]
+    for key, value in sorted((swept or {}).items()):
+        if key in ("method", "seed", "prerequisite"):
+            continue
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    if config.get("member_eps") is not None:
+        parts.append(f"member-eps={config['member_eps']:g}")
+    return "-".join(parts)
+
+
+# W&B's folders of offline runs (``offline-run-<time>-<id>``) and a folder never holding results (Tune's state)
+OFFLINE_RUN_GLOB = "offline-run-*"
+NOT_RESULTS = ("_tune",)
+
+
+def offline_runs(root: Path) -> list[Path]:
+    """Every offline W&B run under ``root`` (a trial's folder or a sweep's results folder), in start order.
+    A resumed trial has one per start, with the same run id: ``wandb sync`` appends them into one run."""
+    root = Path(root)
+    found = [p for p in root.rglob(OFFLINE_RUN_GLOB)
+             if p.is_dir() and any(p.glob("run-*.wandb"))
+             and not any(part in NOT_RESULTS for part in p.relative_to(root).parts)]
+    return sorted(found, key=lambda p: p.name)  # the name starts with the start time
+
+
+def sync_command(root: Path) -> str:
+    """The shell command that uploads every offline run under ``root`` (quoted for any path)."""
+    return f"bench wandb-sync {shlex.quote(str(root))}"
 
 
 def _init(wandb: Any, mode: str, kwargs: dict, timeout: float | None) -> Any:
@@ -268,8 +319,8 @@ def _define_metrics(run: Any, select_metric: str = DEFAULT_SELECT_METRIC, select
     of the epoch selection keeps), not the last epoch's; other metrics summarise as their last value."""
     run.define_metric("epoch")
     run.define_metric("*", step_metric="epoch")
-    run.define_metric(select_metric, step_metric="epoch", summary=select_mode)
-    run.define_metric("train_loss", step_metric="epoch", summary="min")
+    run.define_metric(history_key(select_metric), step_metric="epoch", summary=select_mode)
+    run.define_metric(history_key("train_loss"), step_metric="epoch", summary="min")
 
 
 def open_run(out_dir: Path, *, run_id: str | None, name: str | None, group: str | None, tags: list[str],

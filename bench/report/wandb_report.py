@@ -12,7 +12,7 @@ from typing import Any
 from bench.files import atomic_write
 from bench.report.formats import CSV_FIELDS
 from bench.report.results import get, swept_settings
-from bench.report.tracking import DEFAULT_SELECT_METRIC
+from bench.report.tracking import DEFAULT_SELECT_METRIC, history_key, summary_key
 
 
 def table_columns_and_data(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -91,7 +91,9 @@ def build_report(rows: list[dict], records: list[dict], *, project: str | None =
         if fewshot:  # episodic methods: the trial summary holds the few-shot accuracies
             pairs = [("few-shot clean vs adversarial", "fewshot/clean_acc", "fewshot/adv_acc")]
         else:
-            pairs = [("clean vs AutoAttack", "clean_acc", "autoattack_acc"), ("clean vs PGD", "clean_acc", "pgd_acc")]
+            pairs = [("clean vs AutoAttack", "metrics/clean_acc", "metrics/autoattack_acc"),
+                     ("clean vs PGD", "metrics/clean_acc", "metrics/pgd_acc")]
+        pairs = [(t, summary_key(x), summary_key(y)) for t, x, y in pairs]  # the trials' W&B summary names
         blocks.append(wr.H3(text=ds))
         blocks.append(wr.PanelGrid(
             runsets=[runset(f"{ds} runs", dataset=ds)],
@@ -100,8 +102,9 @@ def build_report(rows: list[dict], records: list[dict], *, project: str | None =
     swept = swept_settings(records)
     pc_cols = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in swept]
     # each method's selection metric (its run summary is the best epoch's value, bench.report.tracking)
-    selection = sorted({str(get(r, "config", "select_metric") or DEFAULT_SELECT_METRIC) for r in records})
-    pc_cols += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(m)) for m in ["pgd_acc", *selection]]
+    selection = sorted({history_key(str(get(r, "config", "select_metric") or DEFAULT_SELECT_METRIC)) for r in records})
+    test_pgd = summary_key("metrics/pgd_acc")
+    pc_cols += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(m)) for m in [test_pgd, *selection]]
     blocks += [
         wr.H2(text="Swept settings against robust accuracy"),
         wr.PanelGrid(runsets=[runset("sweep trials")],
@@ -110,7 +113,7 @@ def build_report(rows: list[dict], records: list[dict], *, project: str | None =
         wr.H2(text="Runs grouped by method"),
         wr.PanelGrid(runsets=[runset("by method", groupby=["config.method"])],
                      panels=[wr.LinePlot(title="validation (selection metrics)", x="epoch", y=selection),
-                             wr.BarPlot(title="final robust accuracy", metrics=[wr.SummaryMetric("pgd_acc")]),
+                             wr.BarPlot(title="final robust accuracy", metrics=[wr.SummaryMetric(test_pgd)]),
                              wr.RunComparer()]),
     ]
     return wr.Report(project=project, entity=entity, title="Robust LoRA leaderboard",

@@ -22,8 +22,11 @@ import argparse
 import functools
 import logging
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,10 +63,50 @@ def add_parser(sub) -> None:
     p.add_argument("--no-leaderboard", action="store_true")
     p.add_argument("--wandb", action="store_true", help="also log the leaderboard to W&B")
     p.add_argument("--check", action="store_true", help="validate the file, print the trial count and stop")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_interrupt=_interrupted)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended a Tune run: Tune stopped its trials and saved the sweep's state (``--resume`` continues)."""
+
+
+def _resume_argv(argv: list[str]) -> list[str]:
+    """The command line that continues the interrupted sweep: the same one, with --resume, without --overwrite."""
+    out = [a for a in argv if a != "--overwrite"]
+    return out if "--resume" in out else out + ["--resume"]
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    results = (args.results or Path("results") / args.file.stem)
+    return (f"interrupted; finished trials are in {results}, Tune saved the others' progress; continue with: "
+            f"bench {shlex.join(_resume_argv(argv))}")
+
+
+def _sigint_marker(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _fit_or_interrupt(tuner):
+    """``tuner.fit()``, raising SweepInterrupted when Ctrl-C stopped it. Tune catches SIGINT itself (it stops the
+    trials and saves the experiment, then returns as if done) and, having handled one, puts back the handler it
+    found: ours, which it otherwise leaves replaced by its own. That is how an interrupted run is told apart."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+    previous = signal.signal(signal.SIGINT, _sigint_marker)
+    try:
+        grid = tuner.fit()
+        # (with TUNE_DISABLE_SIGINT_HANDLER=1 Tune installs nothing and Ctrl-C raises through the marker)
+        interrupted = (signal.getsignal(signal.SIGINT) is _sigint_marker
+                       and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise SweepInterrupted
+    return grid
 
 
 def run(args) -> int:
+    print(f"bench sweep: {args.file}: loading", flush=True)  # the first line, before seconds of imports
     from bench.sweep.space import load_sweep
 
     # relative paths mean the folder the command started in, for --check and for every trial (run in Tune's)
@@ -307,7 +350,7 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                         checkpoint_config=CheckpointConfig(num_to_keep=1),
                         callbacks=[ResultFileCallback(str(results), fetch=ctx["node_local"], storage=storage_path)]
                         + ([ProgressLines(n_trials, t_start)] if verbose == 1 else [])))
-            return tuner.fit()
+            return _fit_or_interrupt(tuner)
 
         if plan is None:
             print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
@@ -337,6 +380,12 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     summary = summarize(grid, results, spec, time.time() - t_start)
     if leaderboard:
         _leaderboard(results, wandb_log)
+    if verbose >= 1:
+        from bench.report.tracking import offline_runs, sync_command
+
+        n_runs = len(offline_runs(results))
+        if n_runs:
+            print(f"bench sweep: {n_runs} offline W&B runs; upload them with: {sync_command(results)}", flush=True)
     return summary
 
 

@@ -146,6 +146,9 @@ def _quiet_trial_logs() -> None:
     """Informational lines every trial process would forward to the driver; warnings and errors stay."""
     import logging
 
+    from bench.logs import quiet_routine_output
+
+    quiet_routine_output()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per epoch
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
 
@@ -166,7 +169,11 @@ def sweep_trial(config: dict, ctx: dict) -> None:
     _log_attempt(out_dir)
 
     def on_epoch(row: dict, ckpt_dir: Path | None) -> None:
-        tune.report(_report_metrics(row, metric), checkpoint=_report_dir(out_dir) if ckpt_dir is not None else None)
+        # The folder travels as Tune's checkpoint only when it must reach RESULTS through the storage
+        # (--storage: node-local trial folders). Without, the trial writes RESULTS itself, resumes from it,
+        # and a Tune checkpoint would be a copy of it (W&B runs included) in RESULTS/_tune.
+        ckpt = _report_dir(out_dir) if ckpt_dir is not None and ctx.get("node_local") else None
+        tune.report(_report_metrics(row, metric), checkpoint=ckpt)
 
     try:
         result = _run(config, ctx, trial_id, cfg, out_dir, sweep_info, on_epoch, writes_error=True)
