@@ -67,3 +67,21 @@ def test_step_flops_counts_the_attack_and_the_training_forwards():
     assert rft > 0 and autolora / rft == pytest.approx(26 / 23)
     assert step_flops(model, x, "rft", 0) == pytest.approx(rft * 3 / 23)
     assert step_flops(model, x, "amt", 10) is None
+
+
+def test_interrupted_perf_records_no_figure(tmp_path, monkeypatch, capsys):
+    """Ctrl-C inside a measurement (an interrupted Tune run surfaces as KeyboardInterrupt too,
+    bench.sweep.driver.SweepInterrupted) ends `bench perf` with one line and exit 130; no JSON is printed or
+    written, since a measurement cut short is no figure."""
+    import bench.perf.loader as loader
+    from bench.cli import main
+
+    def interrupted(quick):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "loader_benchmark", interrupted)
+    out = tmp_path / "perf.json"
+    assert main(["perf", "--only", "loader", "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert not out.exists() and captured.out == ""
+    assert captured.err.strip().splitlines()[-1].startswith("bench perf: interrupted; no figures recorded")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -549,3 +550,56 @@ def test_smoke_sets_its_own_budgets_and_threat_model():
         assert o["eps"] == pytest.approx(0.5 / 255 if method in ("amt", "pmf") else 1 / 255)
         n_test = o["episodes"] * o["ways"] * o["queries"] if method in ("amt", "pmf") else o["n_eval"]
         assert n_test >= 256, method
+
+
+# ------------------------------------------------------------------------------------------- Ctrl-C
+
+def test_ctrl_c_during_a_tune_run_is_an_interrupted_sweep(tmp_path, ray_2cpu):
+    """Tune catches Ctrl-C itself: it stops the trials, saves the experiment and returns as if it had
+    finished (so `bench perf` once recorded a figure of an interrupted measurement). The driver tells the
+    two apart and raises; an uninterrupted run returns its results. A real Tune run, SIGINT sent to this
+    process from a callback (the driver's main thread) after a trial's second result."""
+    from ray import tune
+    from ray.tune import RunConfig
+
+    from bench.sweep.driver import SweepInterrupted, _fit_or_interrupt
+
+    def trainable(config):
+        for i in range(config["n"]):
+            tune.report({"i": i})
+            time.sleep(0.2)
+
+    class CtrlC(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result["i"] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def tuner(name, n, callbacks):
+        return tune.Tuner(trainable, param_space={"n": n},
+                          run_config=RunConfig(name=name, storage_path=str(tmp_path), verbose=0, callbacks=callbacks))
+
+    with pytest.raises(SweepInterrupted):
+        _fit_or_interrupt(tuner("cut", 50, [CtrlC()]))
+    grid = _fit_or_interrupt(tuner("whole", 3, []))
+    assert [r.metrics["i"] for r in grid] == [2]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_sweep_with_one_line_and_the_resume_command(tmp_path, shards_root):
+    path = write_sweep(tmp_path, "ctrlc", fixed={"epochs": 3}, max_concurrent_trials=1)
+    res = tmp_path / "my res"
+    proc = subprocess.Popen(sweep_cmd(path, "--results", res, "--num-cpus", "2", "--no-leaderboard"), cwd=ROOT,
+                            env=_env(shards_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    while proc.poll() is None:
+        lines.append(proc.stdout.readline())
+        if ": epoch 0 " in lines[-1]:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the driver and every process it started
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    said = [line for line in err.splitlines() if line.strip()]
+    assert len(said) == 1 and said[0].startswith("bench sweep: interrupted;"), err
+    assert "Traceback" not in out + err
+    assert said[0].endswith(f"--results {shlex.quote(str(res))} --num-cpus 2 --no-leaderboard --resume")

@@ -224,6 +224,8 @@ def _init_ray(address: str | None, num_cpus: int | None, env: dict[str, str]):
     if address:
         ray.init(address=address, **common)
     else:
+        # a Ray of our own on this machine: its "Token authentication is enabled" notice is for cluster admins
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
     return True
 
@@ -294,7 +296,9 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Tune's own result.json stays out of RESULTS
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Tune's new console output prints a configuration box and a results path at any verbosity; the legacy
+    # reporter at verbose=0 prints nothing (ProgressLines says what a user follows). verbose=2: Tune's own tables.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1" if verbose >= 2 else "0")
     # Noise a user does not need: Tune warns at every forced experiment snapshot (one per trial checkpoint
     # with num_to_keep=1: over 100 lines in a smoke run) and logs each result file it writes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -306,6 +310,9 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if verbose < 2:
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        # its Ctrl-C notices ("Stop signal received", "resume with Tuner.restore(...)"): the CLI's one line
+        # says what to do instead (SweepInterrupted)
+        logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     import ray
     from ray import tune
 
