@@ -175,6 +175,9 @@ class Trial:
             print(f"{self.label}: resuming from epoch {self.start_epoch + 1}/{cfg.epochs} ({self.start_epoch} done, "
                   f"checkpoint in {self.ckpt_dir})", flush=True)
         self.tracker = self._start_tracking()
+        if self.lines and self.start_epoch < cfg.epochs and self.method.needs_training:
+            print(f"{self.label}: training epochs {self.start_epoch + 1}-{cfg.epochs} "
+                  f"({self.task.steps_per_epoch} steps each)", flush=True)
         self.bar = bar = tqdm(desc=self.label, initial=self.start_epoch, total=cfg.epochs, unit="epoch",
                               disable=not self.bars)
         for epoch in range(self.start_epoch, cfg.epochs if self.method.needs_training else self.start_epoch):

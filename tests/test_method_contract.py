@@ -44,6 +44,7 @@ TINY = {
     # lr 0.05: one step must move a parameter by more than float32 rounding (a ProtoNet scale of 10 at AMT's
     # 5e-4 may not)
     "lr": 0.05, "train_attack_steps": 1, "val_pgd_steps": 1, "eval_pgd_steps": 1, "autoattack_version": "off",
+    "keep_checkpoints": "last",  # the resume test compares the last epoch's DeepSpeed weights of finished trials
     # episodic methods: 2-way 1-shot episodes with 2 queries per class
     "ways": 2, "shots": 1, "queries": 2, "episodes_per_epoch": 2, "episodes": 2, "val_episodes": 1,
     "test_time_ft_steps": 1,  # PMF deploys with 100 per episode

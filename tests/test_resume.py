@@ -87,7 +87,7 @@ def test_resumed_trial_ends_as_straight_one(runs, nproc, stage, bf16):
     for k in wa:
         atol = 2e-2 if bf16 else 1e-5
         torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=0, atol=atol, msg=k)
-    # only the newest epoch is kept, and `latest` names it
+    # only the newest epoch is kept (keep_checkpoints: last), and `latest` names it
     ckpt = resumed / "checkpoints"
     assert (ckpt / "latest").read_text() == f"epoch{EPOCHS - 1:04d}" and not (ckpt / "epoch0000").exists()
 

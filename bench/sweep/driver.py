@@ -135,6 +135,9 @@ def run(args) -> int:
         if not (results / "sweep.json").exists():
             raise ValueError(f"--overwrite: {results} does not look like a sweep's results folder (no sweep.json)")
         shutil.rmtree(results)
+    from bench.files import check_writable
+
+    check_writable(results, "results folder")  # one line now, not tracebacks from every trial later
     summary = run_sweep(spec, results, address=args.address, resume=args.resume, data_root=args.data_root,
                         num_cpus=args.num_cpus, leaderboard=not args.no_leaderboard, wandb_log=args.wandb,
                         storage=args.storage)

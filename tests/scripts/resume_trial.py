@@ -35,7 +35,7 @@ def run_case(shards: str, root: Path, case: str, epochs: int, stop_after: int | 
         "dataset": "digits", "backbone": "tiny_cnn", "seed": 3, "epochs": epochs, "zero_stage": int(stage),
         "bf16": bf16 == "1", "max_train_samples": 32, "batch_size": 16, "n_val": 16, "n_eval": 16, "image_size": 16,
         "train_attack_steps": 1, "val_pgd_steps": 1, "eval_pgd_steps": 1, "autoattack_version": "off",
-        "lr": 0.05, "shuffle_buffer": 64})
+        "lr": 0.05, "shuffle_buffer": 64, "keep_checkpoints": "last"})
     out = case_dir(root, case)
     trial = None
 
