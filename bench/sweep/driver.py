@@ -77,7 +77,7 @@ def _resume_argv(argv: list[str]) -> list[str]:
 
 
 def _interrupted(args, argv: list[str]) -> str:
-    results = (args.results or Path("results") / args.file.stem)
+    results = getattr(args, "resolved_results", None) or args.results or "its results folder"
     return (f"interrupted; finished trials are in {results}, Tune saved the others' progress; continue with: "
             f"bench {shlex.join(_resume_argv(argv))}")
 
@@ -137,6 +137,7 @@ def run(args) -> int:
         shutil.rmtree(results)
     from bench.files import check_writable
 
+    args.resolved_results = results
     check_writable(results, "results folder")  # one line now, not tracebacks from every trial later
     summary = run_sweep(spec, results, address=args.address, resume=args.resume, data_root=args.data_root,
                         num_cpus=args.num_cpus, leaderboard=not args.no_leaderboard, wandb_log=args.wandb,
