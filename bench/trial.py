@@ -192,7 +192,7 @@ class Trial:
             # validation of what it evaluates, from held-out data.
             history.append({"epoch": 0, **self.task.validate_targets(self.method)})
             self._report_epoch(history, history[-1], None)
-        selected_epoch = self._load_selected()
+        selected_epoch = self._load_selected(history)
         if self.rank != 0:  # rank 0 alone evaluates and reports
             return {"status": "ok", "rank": self.rank, "history": history}
         seed_everything(epoch_seed(cfg.seed, cfg.epochs))  # the same attacks however many epochs ran here
@@ -357,10 +357,17 @@ class Trial:
             self.epoch_callback(row, ckpt_dir)
 
     # --- after training --------------------------------------------------------------------------------
-    def _load_selected(self) -> int | None:
-        """Load the weights of the epoch that validation selected (else keep the last); returns that epoch."""
+    def _load_selected(self, history: list[dict]) -> int | None:
+        """Load the weights of the epoch that validation selected (else keep the last); returns that epoch.
+        Without a selection (a method that evaluates its last epoch, e.g. rft's eval_checkpoint=last) the
+        last epoch's weights are written to best.pt all the same: the weights the test evaluates are the one
+        file a finished trial keeps (keep_checkpoints: none), for a later `bench evaluate`."""
         best = load_best(self.ckpt_dir) if self.rank == 0 else None
         selected_epoch = best["epoch"] if best else None
+        if (self.method.needs_training and history
+                and not self._from_rank0({"best": float(best is not None)})["best"]):
+            save_best(self.engine, self.ckpt_dir, history[-1]["epoch"])  # every rank takes part (ZeRO-3)
+            best = load_best(self.ckpt_dir) if self.rank == 0 else None
         if self.engine.zero_optimization_partition_weights():
             # ZeRO-3: each rank holds a partition of the weights and a forward needs every rank; all take
             # part in gathering the full weights (unless rank 0 has them in best.pt), then rank 0 alone

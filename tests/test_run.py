@@ -258,20 +258,27 @@ def test_unwritable_out_is_one_line_before_work(shards_root, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"bench run: error: cannot write the run folder {out}: "), p.stderr
 
 
-@pytest.mark.parametrize("keep, epochs_left, latest", [("last", ["epoch0001"], "epoch0001"),
-                                                       ("all", ["epoch0000", "epoch0001"], "epoch0001"),
-                                                       ("none", [], None)])
-def test_finished_trial_keeps_checkpoints_as_configured(shards_root, tmp_path, keep, epochs_left, latest):
+@pytest.mark.parametrize("method, keep, epochs_left, latest", [("ft", "last", ["epoch0001"], "epoch0001"),
+                                                               ("ft", "all", ["epoch0000", "epoch0001"], "epoch0001"),
+                                                               ("ft", "none", [], None),
+                                                               ("rft", "none", [], None)])
+def test_finished_trial_keeps_checkpoints_as_configured(shards_root, tmp_path, method, keep, epochs_left, latest):
+    """best.pt, the weights the test evaluated, always stays: rft evaluates its last epoch (no selection), whose
+    weights are then written to best.pt too."""
+    import torch
+
     from bench.config import resolve_config
     from bench.trial import run_trial
 
-    cfg = resolve_config("ft", {"backbone": "tiny_cnn", "epochs": 2, "max_train_samples": 64, "n_eval": 32,
+    cfg = resolve_config(method, {"backbone": "tiny_cnn", "epochs": 2, "max_train_samples": 64, "n_eval": 32,
                                 "n_val": 32, "batch_size": 32, "autoattack_version": "off", "eval_pgd_steps": 1,
                                 "val_pgd_steps": 1, "keep_checkpoints": keep})
     out = tmp_path / keep
-    run_trial(cfg, out, data_root=shards_root, progress=False, track=False)
+    result = run_trial(cfg, out, data_root=shards_root, progress=False, track=False)
     ckpt = out / "checkpoints"
     assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == epochs_left
-    assert (ckpt / "best.pt").is_file()
+    best = torch.load(ckpt / "best.pt", weights_only=True)
+    if method == "rft":  # eval_checkpoint=last: nothing selected, the last epoch evaluated and kept
+        assert result["method_summary"]["selected_epoch"] is None and best["epoch"] == 1
     assert ((ckpt / "latest").read_text() if (ckpt / "latest").exists() else None) == latest
     assert (out / "result.json").is_file() and (out / "history.json").is_file()
