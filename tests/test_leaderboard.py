@@ -268,6 +268,30 @@ def test_html_sorts_in_headless_chromium(board, tmp_path):
     assert 'aria-sort="descending"' in dom
 
 
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (make browser installs Debian's)")
+def test_html_tables_fit_a_1400_pixel_window(board, tmp_path):
+    """Every group's table, few-shot columns included, fits a 1400 x 900 window without a horizontal scroll."""
+    _, _, out = board
+    page = (out / "leaderboard.html").read_text()
+    assert "few-shot" in page and "FS adv" in page  # the widest table is among them
+    probe = ("<script>document.body.setAttribute('data-widths', [document.documentElement.scrollWidth, "
+             "window.innerWidth].concat(Array.prototype.map.call(document.querySelectorAll('table.leaderboard'), "
+             "function (t) { return t.getBoundingClientRect().right; })).join(','));</script></body>")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", probe))
+    profile = tmp_path / "p3"
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,900",
+           "--virtual-time-budget=3000", "--dump-dom", probed.as_uri()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(profile)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    page_width, window, *rights = [float(v) for v in re.search(r'data-widths="([^"]*)"', res.stdout).group(1)
+                                   .split(",")]
+    assert window == 1400
+    assert len(rights) == page.count("<table class='leaderboard'") >= 3
+    assert page_width <= 1400 and max(rights) <= 1400, (page_width, rights)
+
+
 # --- like with like: comparison groups ----------------------------------------------------------------
 def _result(folder: Path, name: str, method: str, *, dataset="digits", seed=0, eps=1 / 255, clean=0.8, robust=0.3,
             fewshot=None, targets=None):

@@ -53,21 +53,23 @@ window.sortLeaderboard = function (col, g) { sorters[g || 0](col); };
 """
 
 _HTML_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
-th{background:#f0f0f0;cursor:pointer;user-select:none}
+body{font-family:system-ui,sans-serif;margin:1em;color:#222}
+.scroll{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;font-size:12px}
+th,td{border:1px solid #ccc;padding:2px 4px;text-align:right;white-space:nowrap}
+th{background:#f0f0f0;cursor:pointer;user-select:none;white-space:normal;max-width:6em;vertical-align:bottom}
+td.s{white-space:normal;max-width:14em}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 td.s{text-align:left} tr.pareto td:first-child{font-weight:bold}
-td details code{display:block;white-space:pre;font-size:11px}
+td details code{display:block;white-space:pre-wrap;overflow-wrap:anywhere;text-align:left;font-size:11px}
 td.better{background:#d9f2d9} td.worse{background:#f7d6d6}
 img{max-width:100%;margin-top:1em}
 """
 
 
 def _html_table(index: int, label: str, rows: list[dict]) -> list[str]:
-    cols = group_columns(rows)
-    out = [f"<h2>{html.escape(label)}</h2>",
+    cols = [c for c in group_columns(rows) if c[0] != "dataset"]  # the group's title starts with its data set
+    out = [f"<h2>{html.escape(label)}</h2>", "<div class='scroll'>",
            f"<table class='leaderboard' id='leaderboard-{index}' data-group='{html.escape(label, quote=True)}'>"
            "<thead><tr>"]
     out += [f"<th data-key='{html.escape(k)}'>{html.escape(h)}</th>" for k, h, _ in cols]
@@ -94,7 +96,7 @@ def _html_table(index: int, label: str, rows: list[dict]) -> list[str]:
                 text = f"<details><summary>{text}</summary><code>{html.escape(commands)}</code></details>"
             out.append(f"<td{c} data-sort='{html.escape(sort, quote=True)}'>{text}</td>")
         out.append("</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return out
 
 

@@ -1,5 +1,8 @@
 """The leaderboard's matplotlib figures (PNG): clean vs robust accuracy with each comparison group's Pareto front,
-validation curves with the λ/η schedules per sweep, and robust accuracy against each swept setting."""
+validation curves with the λ/η schedules per sweep, and robust accuracy against each swept setting.
+
+Every figure has one panel per comparison group (never two threat models or tasks on one axis) and gives a
+method the same colour in every figure."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -7,7 +10,8 @@ from pathlib import Path
 
 from bench.files import atomic_write
 from bench.report.formats import row_groups
-from bench.report.results import get, num, record_robust, swept_settings
+from bench.report.results import (comparison_group, get, group_label, num, record_robust, record_robust_ci95,
+                                  swept_settings)
 
 
 def _plt():
@@ -25,28 +29,55 @@ def _save(fig, path: Path, dpi: int) -> bool:
     return True
 
 
+def method_colours(names) -> dict[str, tuple]:
+    """method -> colour, fixed by the method registry's order (then unregistered names, sorted), so a method keeps
+    its colour whichever methods a figure shows."""
+    from methods.registry import list_methods
+
+    order = list_methods()
+    order += sorted({str(n) for n in names} - set(order))
+    cmap = _plt().get_cmap("tab10" if len(order) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(order)}
+
+
+def _grid(n: int, ncol_max: int, w: float, h: float):
+    plt = _plt()
+    ncol = min(ncol_max, n)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(w * ncol, h * nrow), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _record_group(rec: dict) -> str:
+    return group_label(comparison_group(rec))
+
+
+def _bars(r: dict) -> tuple[float, float]:
+    """A row's (x, y) bar half-widths in %: few-shot rows their 95% interval over episodes, others the std over
+    seeds (0 for one seed)."""
+    if r.get("kind") == "fewshot":
+        return 100 * (r.get("fs_clean_ci95") or 0), 100 * (r.get("fs_robust_ci95") or 0)
+    return 100 * (r.get("clean_acc_std") or 0), 100 * (r.get("robust_acc_std") or 0)
+
+
 def plot_pareto(rows: list[dict], path: Path) -> bool:
-    """One panel per comparison group (its Pareto front is the group's)."""
+    """One panel per comparison group (its Pareto front is the group's); bars: 95% interval over episodes
+    (few-shot) or ± std over seeds (supervised)."""
     groups = [(label, [r for r in rs if r["clean_acc"] is not None and r["robust_acc"] is not None])
               for label, rs in row_groups(rows)]
     groups = [(label, rs) for label, rs in groups if rs]
     if not groups:
         return False
-    plt = _plt()
-    ncol = min(3, len(groups))
-    nrow = -(-len(groups) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4.5 * nrow), squeeze=False)
-    for ax in axes.flat[len(groups):]:
-        ax.set_visible(False)
-    for ax, (ds, rs) in zip(axes.flat, groups):
-        methods = sorted({r["method"] for r in rs})
-        cmap = plt.get_cmap("tab10")
-        for mi, m in enumerate(methods):
+    colours = method_colours(r["method"] for r in rows)
+    fig, axes = _grid(len(groups), 3, 5.5, 4.5)
+    for ax, (ds, rs) in zip(axes, groups):
+        for m in sorted({r["method"] for r in rs}):
             pts = [r for r in rs if r["method"] == m]
             ax.errorbar([100 * r["clean_acc"] for r in pts], [100 * r["robust_acc"] for r in pts],
-                        xerr=[100 * (r["clean_acc_std"] or 0) for r in pts],
-                        yerr=[100 * (r["robust_acc_std"] or 0) for r in pts],
-                        fmt="o", color=cmap(mi % 10), label=m, capsize=2, alpha=0.85)
+                        xerr=[_bars(r)[0] for r in pts], yerr=[_bars(r)[1] for r in pts],
+                        fmt="o", color=colours[m], label=m, capsize=3, alpha=0.85)
         front = sorted([r for r in rs if r.get("pareto")], key=lambda r: r["clean_acc"])
         if front:
             ax.plot([100 * r["clean_acc"] for r in front], [100 * r["robust_acc"] for r in front], "k--", lw=1,
@@ -54,7 +85,8 @@ def plot_pareto(rows: list[dict], path: Path) -> bool:
             ax.scatter([100 * r["clean_acc"] for r in front], [100 * r["robust_acc"] for r in front], s=160,
                        facecolors="none", edgecolors="k", linewidths=1.2)
         metrics = sorted({r["robust_metric"] for r in rs if r["robust_metric"]})
-        ax.set_title(ds, fontsize=9)
+        fewshot = any(r.get("kind") == "fewshot" for r in rs)
+        ax.set_title(f"{ds}\nbars: {'95% interval over episodes' if fewshot else '± std over seeds'}", fontsize=9)
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"robust accuracy (%) [{', '.join(metrics)}]")
         ax.grid(alpha=0.3)
@@ -66,24 +98,28 @@ _SCHEDULE_KEYS = ("lambda1", "lambda2", "lambda", "eta", "lam1", "lam2")
 
 
 def plot_curves(records: list[dict], path: Path) -> bool:
-    """Per sweep: validation robust accuracy (top) and λ/η (bottom) per epoch, one line per trial."""
+    """Per comparison group and sweep: validation robust accuracy (top) and λ/η (bottom) per epoch, one line per
+    trial in its method's colour (markers tell a method's trials apart)."""
     by_sweep: dict[str, list[dict]] = OrderedDict()
     for rec in records:
         hist = rec.get("history")
         if not isinstance(hist, list) or not any(isinstance(h, dict) for h in hist):
             continue
-        by_sweep.setdefault(str(get(rec, "sweep", "name") or "(no sweep)"), []).append(rec)
+        sweep = str(get(rec, "sweep", "name") or "(no sweep)")
+        by_sweep.setdefault((_record_group(rec), sweep), []).append(rec)
     if not by_sweep:
         return False
     plt = _plt()
+    colours = method_colours(rec["method"] for recs in by_sweep.values() for rec in recs)
     n = len(by_sweep)
     fig, axes = plt.subplots(2, n, figsize=(6 * n, 7), squeeze=False)
     from matplotlib.ticker import MaxNLocator
-    for ci, (sweep, recs) in enumerate(by_sweep.items()):
+    for ci, ((group, sweep), recs) in enumerate(by_sweep.items()):
         ax1, ax2 = axes[0][ci], axes[1][ci]
         ax3 = ax2.twinx()  # η: the learning rate, on its own axis
         any_sched = False
-        for rec in recs:
+        for ti, rec in enumerate(recs):
+            style = dict(color=colours[rec["method"]], marker="os^Dv<>p"[ti % 8], markersize=4)
             hist = [h for h in rec["history"] if isinstance(h, dict)]
             label = str(get(rec, "sweep", "trial_id") or rec.get("id") or rec["method"])
             label = f"{rec['method']}:{label}"[:40]
@@ -91,18 +127,18 @@ def plot_curves(records: list[dict], path: Path) -> bool:
             ys = [num(h.get("val_pgd_acc")) for h in hist]
             if any(y is not None for y in ys):
                 ax1.plot([e for e, y in zip(ep, ys) if y is not None], [100 * y for y in ys if y is not None],
-                         marker=".", label=label)
+                         label=label, **style)
             for k in _SCHEDULE_KEYS:
                 vs = [num(h.get(k)) for h in hist]
                 if any(v is not None for v in vs):
                     any_sched = True
                     ax2.plot([e for e, v in zip(ep, vs) if v is not None], [v for v in vs if v is not None],
-                             marker=".", label=f"{label} {k}")
+                             label=f"{label} {k}", **style)
             lrs = [num(h.get("lr")) for h in hist]
             if any(v is not None for v in lrs):
                 ax3.plot([e for e, v in zip(ep, lrs) if v is not None], [v for v in lrs if v is not None],
-                         ls=":", marker="x", label=f"{label} η")
-        ax1.set_title(f"sweep {sweep}: validation robust accuracy")
+                         ls=":", label=f"{label} η", **style)
+        ax1.set_title(f"{group}\nsweep {sweep}: validation robust accuracy", fontsize=9)
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("val PGD acc (%)")
         ax1.grid(alpha=0.3)
@@ -124,27 +160,35 @@ def plot_curves(records: list[dict], path: Path) -> bool:
 
 
 def plot_params(records: list[dict], path: Path) -> bool:
-    keys = swept_settings(records)
-    if not keys:
+    """Robust accuracy of each trial against each swept setting: one row of panels per comparison group (a
+    few-shot accuracy at one eps never shares an axis with a supervised one at another); few-shot points carry
+    their 95% interval over episodes."""
+    by_group: dict[str, list[dict]] = OrderedDict()
+    for rec in records:
+        if isinstance(get(rec, "sweep", "swept"), dict) and record_robust(rec) is not None:
+            by_group.setdefault(_record_group(rec), []).append(rec)
+    panels = [(g, k, recs) for g, recs in by_group.items() for k in swept_settings(recs)]
+    if not panels:
         return False
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(rec["sweep"]["swept"][k], record_robust(rec), rec["method"]) for rec in records
-               if isinstance(get(rec, "sweep", "swept"), dict) and k in rec["sweep"]["swept"]
-               and record_robust(rec) is not None]
-        numeric = all(num(x) is not None for x, _, _ in pts)
-        cats = sorted({str(x) for x, _, _ in pts})
-        for m in sorted({m for _, _, m in pts}):
-            mp = [(x, y) for x, y, mm in pts if mm == m]
-            xs = [float(x) if numeric else cats.index(str(x)) for x, _ in mp]
-            ax.scatter(xs, [100 * y for _, y in mp], label=m, alpha=0.8)
+    colours = method_colours(rec["method"] for rec in records)
+    fig, axes = _grid(len(panels), 3, 4.8, 4.2)
+    for ax, (group, k, recs) in zip(axes, panels):
+        pts = [(rec["sweep"]["swept"][k], rec) for rec in recs if k in rec["sweep"]["swept"]]
+        numeric = all(num(x) is not None for x, _ in pts)
+        cats = sorted({str(x) for x, _ in pts})
+        for m in sorted({rec["method"] for _, rec in pts}):
+            mp = [(x, rec) for x, rec in pts if rec["method"] == m]
+            ax.errorbar([float(x) if numeric else cats.index(str(x)) for x, _ in mp],
+                        [100 * record_robust(rec) for _, rec in mp],
+                        yerr=[100 * (record_robust_ci95(rec) or 0) for _, rec in mp],
+                        fmt="o", color=colours[m], label=m, capsize=3, alpha=0.8)
+        xs = [float(x) for x, _ in pts] if numeric else []
         if not numeric:
             ax.set_xticks(range(len(cats)))
             ax.set_xticklabels(cats, rotation=30, fontsize=7)
-        elif pts and min(float(x) for x, _, _ in pts) > 0 and \
-                max(float(x) for x, _, _ in pts) / min(float(x) for x, _, _ in pts) > 50:
+        elif xs and min(xs) > 0 and max(xs) / min(xs) > 50:
             ax.set_xscale("log")
+        ax.set_title(group, fontsize=8)
         ax.set_xlabel(k)
         ax.set_ylabel("robust accuracy (%)")
         ax.grid(alpha=0.3)
