@@ -30,16 +30,31 @@ def read_manifest(ds_dir) -> dict:
     s = str(ds_dir)
     if s.startswith(("http://", "https://")):
         with urllib.request.urlopen(loc, timeout=60) as r:
-            return json.loads(r.read().decode("utf-8"))
+            return parse_manifest(r.read(), loc)
     if s.startswith("pipe:"):
         import webdataset as wds
 
         with wds.gopen(loc, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+            return parse_manifest(f.read(), loc)
     p = Path(loc)
     if not p.is_file():
         raise FileNotFoundError(f"no manifest {p}; build the shards with: python -m bench shards make NAME")
-    return json.loads(p.read_text())
+    return parse_manifest(p.read_bytes(), str(p))
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """The manifest in ``data`` (read from ``where``, which every error names: json's own message does not)."""
+    rebuild = f"rebuild the data set with: python -m bench shards make {Path(where).parent.name or 'NAME'}"
+    try:
+        info = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not a text (UTF-8) manifest (byte {e.start}); {rebuild}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg.removesuffix(' at')}) at line {e.lineno} column "
+                         f"{e.colno}; {rebuild}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: expected a JSON object (a data set's manifest), got {type(info).__name__}")
+    return info
 
 
 def write_manifest(ds_dir, info: dict) -> Path:

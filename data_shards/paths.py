@@ -34,6 +34,11 @@ def dataset_dir(name_or_path: Union[str, os.PathLike], root: Optional[Union[str,
     base = Path(root).expanduser().resolve() if root is not None else default_root()
     d = base / str(name_or_path)
     if not (d / MANIFEST).is_file():
+        shards = sorted(d.glob("*.tar")) if d.is_dir() else []
+        if shards:  # the manifest is written last: shards without it are an interrupted build or a deleted file
+            raise FileNotFoundError(f"{d} holds {len(shards)} shard file(s) but no {MANIFEST} (written last by "
+                                    f"`bench shards make`: the build was interrupted or the file deleted); "
+                                    f"{how_to_build(str(name_or_path), base)}")
         raise FileNotFoundError(f"no shards for data set '{name_or_path}' under {base}; "
                                 f"{how_to_build(str(name_or_path), base)}")
     return d
@@ -43,7 +48,7 @@ def how_to_build(name: str, base: Path) -> str:
     """The command that builds data set ``name`` under ``base``, with a converter that exists."""
     from .converters import CONVERTERS  # (heavy imports: only on this error path)
 
-    out = f" --out {base}" if base != default_root() else ""
+    out = f" --out {base}"  # always: the reader's shell may not have this process's $BENCH_SHARDS or cwd
     if name == "digits":
         return f"build them with: python -m bench shards make digits{out}"
     if name in CONVERTERS:

@@ -198,7 +198,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise SweepError(f"{path}: no such sweep file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path}: not a text (UTF-8) sweep file (byte {e.start}); expected YAML") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise SweepError(f"{path}: not valid YAML{where}: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
