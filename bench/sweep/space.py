@@ -193,8 +193,24 @@ def _probe_values(dist: str, args: list) -> list:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep file; raises :class:`SweepError` (one line) on the first problem."""
+    """Read and validate a sweep file; raises :class:`SweepError` (one line) on the first problem. Each step
+    below checks one part of the file, in the order a reader meets them."""
     path = Path(path)
+    raw = _read_sweep_file(path)
+    methods = _parse_methods(path, raw)
+    spec = _new_spec(path, raw, methods)
+    space_raw = _parse_settings(path, raw, spec)
+    for key, dspec in space_raw.items():  # the search space
+        spec.space[str(key)] = _parse_dist(path, str(key), dspec)
+    _parse_search(path, raw, spec)
+    _parse_resources(path, raw, spec)
+    _parse_merge_search(path, raw, spec)
+    _check_configs(spec)
+    return spec
+
+
+def _read_sweep_file(path: Path) -> dict:
+    """The file's top-level mapping, its keys known."""
     if not path.is_file():
         raise SweepError(f"{path}: no such sweep file")
     try:
@@ -212,10 +228,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for key in raw:
         if key not in TOP_KEYS:
             raise _fail(path, str(key), f"unknown key; valid: {', '.join(TOP_KEYS)}")
+    return raw
 
-    from methods import get_method, list_methods
 
-    # --- methods ---
+def _parse_methods(path: Path, raw: dict) -> list[str]:
+    """``method:`` or ``methods:``: registered names, each once."""
+    from methods import list_methods
+
     if "method" in raw and "methods" in raw:
         raise _fail(path, "method", "give either method or methods, not both")
     methods = raw.get("methods", raw.get("method"))
@@ -229,13 +248,22 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise _fail(path, "methods", f"unknown method {m!r}; valid: {', '.join(list_methods())}")
     if len(set(methods)) != len(methods):
         raise _fail(path, "methods", "a method is listed twice")
+    return methods
 
+
+def _new_spec(path: Path, raw: dict, methods: list[str]) -> SweepSpec:
+    """The spec with its name, methods, data set and backbone."""
     spec = SweepSpec(path=path, name=str(raw.get("name") or path.stem), methods=methods,
                      dataset=str(raw.get("dataset", "digits")), backbone=str(raw.get("backbone", "cifar_resnet18_aa")))
     if not spec.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise _fail(path, "name", f"{spec.name!r}: use letters, digits, '-', '_' and '.' only")
+    return spec
 
-    # --- fixed settings ---
+
+def _parse_settings(path: Path, raw: dict, spec: SweepSpec) -> dict:
+    """``fixed``, ``per_method`` and ``per_dataset`` into ``spec``, none of them setting what the sweep sets;
+    returns the raw ``space`` mapping (checked for the same)."""
+    methods = spec.methods
     for section in ("fixed", "per_method", "per_dataset", "space"):
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise _fail(path, section, f"expected a mapping, got {raw[section]!r}")
@@ -268,12 +296,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if key in spec.fixed or (key == "seed" and key in space_raw):
             raise _fail(path, f"fixed.{key}" if key in spec.fixed else f"space.{key}",
                         f"use the top-level key {key + 's' if key == 'seed' else key}:")
+    return space_raw
 
-    # --- search space ---
-    for key, dspec in space_raw.items():
-        spec.space[str(key)] = _parse_dist(path, str(key), dspec)
 
-    # --- scheduler, searcher, samples, metric ---
+def _parse_search(path: Path, raw: dict, spec: SweepSpec) -> None:
+    """Scheduler, searcher, samples, metric, mode and seeds."""
+    methods = spec.methods
     sched = raw.get("scheduler", "fifo")
     if isinstance(sched, str):
         sched = {"type": sched}
@@ -319,7 +347,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not spec.space:
             raise _fail(path, "space", "search: optuna needs a search space")
 
-    # --- resources ---
+
+def _parse_resources(path: Path, raw: dict, spec: SweepSpec) -> None:
+    """Per-trial CPUs, GPUs and workers, concurrency, retries and the time budget."""
     res = raw.get("resources") or {}
     if not isinstance(res, dict):
         raise _fail(path, "resources", f"expected a mapping with keys {', '.join(RESOURCE_KEYS)}")
@@ -338,6 +368,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
     tb = raw.get("time_budget_s")
     spec.time_budget_s = None if tb is None else _num(path, "time_budget_s", tb, positive=True)
 
+
+def _parse_merge_search(path: Path, raw: dict, spec: SweepSpec) -> None:
+    """``merge_search: true``: a merge-only space over methods that merge, on one worker."""
+    methods = spec.methods
     merge_search = raw.get("merge_search", False)
     if not isinstance(merge_search, bool):
         raise _fail(path, "merge_search", f"expected true or false, got {merge_search!r}")
@@ -350,8 +384,6 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if spec.workers > 1:
             raise _fail(path, "merge_search", "merge-only trials run on one worker; set resources.workers: 1")
     spec.merge_search = merge_search
-    _check_configs(spec)
-    return spec
 
 
 def _check_configs(spec: SweepSpec) -> None:
