@@ -102,7 +102,7 @@ def test_fewshot_points_carry_their_95_interval_supervised_the_std(records, figu
     bars = {}
     for ax in _panels(figures["pareto.png"]):
         for c in ax.containers:
-            (_, caps, (xbars, ybars)) = c.lines[0], c.lines[1], c.lines[2]
+            _, ybars = c.lines[2]  # the (x, y) bar collections of an errorbar
             seg = ybars.get_segments()[0]
             bars[(str(c.get_label()), "5-way" in ax.get_title())] = abs(seg[1][1] - seg[0][1]) / 2
     assert bars[("pmf", True)] == pytest.approx(5.0)  # ±ci95 = 0.05 -> 5 points
