@@ -82,7 +82,7 @@ def test_schema_errors(tmp_path):
     m = _err(tmp_path, "methods: [rft]\nfixed: {rank: 4}\n")  # an autolora/protonet_lora field, not rft's
     assert "fixed.rank" in m and "method rft" in m and "epochs" in m
     m = _err(tmp_path, "methods: [rft]\nspace: {eps: {uniform: [0, 2]}}\n")  # eps in [0, 1]
-    assert "space.eps" in m and "eps" in m
+    assert "method rft" in m and "eps=1 is above 16/255" in m and "did you mean eps=1/255?" in m
     m = _err(tmp_path, "methods: [rft]\nfixed: {autoattack_version: fast}\n")
     assert "apgd-ce" in m
     m = _err(tmp_path, "methods: [rft]\nresources: {gpu: 1}\n")
@@ -120,12 +120,13 @@ def test_cli_check_and_error_exit(tmp_path, shards_root):
 
 
 def _check(path: Path, data_root: Path, capsys) -> tuple[int, str]:
-    """``bench sweep PATH --check`` in this process: (exit status, the one line it printed)."""
+    """``bench sweep PATH --check`` in this process: (exit status, the one line it printed after its first
+    "loading" line)."""
     from bench.cli import main
 
     rc = main(["sweep", str(path), "--check", "--data-root", str(data_root)])
     out = capsys.readouterr()
-    lines = (out.err if rc else out.out).strip().splitlines()
+    lines = [line for line in (out.err if rc else out.out).strip().splitlines() if not line.endswith(": loading")]
     assert len(lines) == 1, lines
     return rc, lines[0]
 
