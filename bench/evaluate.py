@@ -96,11 +96,13 @@ def restart_seed(seed: int, first_index: int, restart: int) -> int:
 
 def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
               restarts: int = 1, batch_size: int = 256, device="cpu", seed: int = 0, progress: bool = False,
-              clean: torch.Tensor | None = None, first_index: int = 0) -> torch.Tensor:
+              clean: torch.Tensor | None = None, first_index: int = 0,
+              loss_trace: list | None = None) -> torch.Tensor:
     """Per sample: right clean and at every point PGD-``steps`` visited, in every restart (the first from the
     clean input, the others from random starts in the eps-ball). ``clean``: the clean flags, if known.
     ``first_index``: the evaluation's index of ``x[0]`` when ``x`` is a shard of it (the random starts are
-    those of the samples' global batches)."""
+    those of the samples' global batches). ``loss_trace``, a list, receives the first run's per-sample loss
+    per step: one ``[batch, steps + 1]`` tensor per batch (``torch.cat`` gives ``[N, steps + 1]``)."""
     if clean is None:
         clean = clean_flags(model, x, y, batch_size, device)
     robust = clean.clone()
@@ -110,9 +112,12 @@ def pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
             xb, yb = xb.to(device), yb.to(device)
             for r in range(restarts):
                 gen = torch.Generator().manual_seed(restart_seed(seed, first_index + i, r))
+                trace = [] if loss_trace is not None and r == 0 else None
                 _, ok = pgd_linf_robust(model, xb, yb, eps=eps, step_size=step_size, steps=steps,
-                                        random_start=r > 0, generator=gen)
+                                        random_start=r > 0, generator=gen, loss_trace=trace)
                 robust[i:i + len(xb)] &= ok.cpu()
+                if trace is not None:
+                    loss_trace.append(torch.stack(trace, 1))
     return robust
 
 
@@ -168,7 +173,7 @@ def autoattack_seed(seed: int, batch_index: int) -> int:
 def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str,
                      batch_size: int = 256, device="cpu", seed: int = 0, state_path: str | Path | None = None,
                      clean: torch.Tensor | None = None, progress: bool = False, first_index: int = 0,
-                     on_batch=None) -> torch.Tensor:
+                     on_batch=None, report: dict | None = None) -> torch.Tensor:
     """Per sample: robust under AutoAttack ``version`` (a bool per sample, on the CPU; False where the clean
     prediction is wrong).
 
@@ -184,6 +189,9 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     samples done are written there (atomically), and a later call with the same model, data, settings,
     device and package versions skips what is done, giving the flags an uninterrupted call gives.
     ``on_batch(n_samples)``, if given, is called after every batch (progress across shards).
+    ``report``, a dict, receives ``accuracy`` (robust accuracy over all samples after each attack, in order,
+    from ``clean``: what AutoAttack's Square check compares) and ``warnings`` (the 'auto-attack' logger's
+    warnings of this call: its checks' findings, which would otherwise only reach a log).
 
     Why not pyautoattack's own ``run_standard_evaluation(state_path=...)``: in pyautoattack 0.2.0 (the
     newest) its restore cannot work: the attack set is written as a str and compared with a set (restore
@@ -195,6 +203,31 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     if first_index % batch_size:
         raise ValueError(f"first_index={first_index} is not a multiple of batch_size={batch_size}: "
                          f"batches would not be the evaluation's index ranges")
+    captured = _WarningCapture()
+    logging.getLogger("auto-attack").addHandler(captured)
+    try:
+        robust = _autoattack_flags(model, x, y, eps=eps, version=version, batch_size=batch_size, device=device,
+                                   seed=seed, state_path=state_path, clean=clean, progress=progress,
+                                   first_index=first_index, on_batch=on_batch,
+                                   accuracy=report.setdefault("accuracy", {}) if report is not None else {})
+    finally:
+        logging.getLogger("auto-attack").removeHandler(captured)
+    if report is not None:
+        report["warnings"] = list(dict.fromkeys(captured.messages))  # once each (checks repeat per batch)
+    return robust
+
+
+class _WarningCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _autoattack_flags(model, x, y, *, eps, version, batch_size, device, seed, state_path, clean, progress,
+                      first_index, on_batch, accuracy: dict) -> torch.Tensor:
     with eval_mode(model), fp32_eval(model):
         n_classes = None
         with torch.no_grad():
@@ -209,13 +242,14 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
             if clean is None:
                 clean = clean_flags(model, x, y, batch_size, device)
             state = {"fingerprint": fingerprint, "attacks": attacks, "done": [], "robust": clean.tolist(),
-                     "attack": None, "pending": []}
+                     "attack": None, "pending": [], "accuracy": {"clean": clean.float().mean().item()}}
             _save_state(state, path)
         else:
             left = f", {state['attack']} has {len(state['pending'])} samples left" if state["attack"] else ""
             print(f"AutoAttack resumes from {path}: {', '.join(state['done']) or 'no attack'} done{left}, "
                   f"{sum(state['robust'])} of {len(x)} samples still robust")
         robust = torch.tensor(state["robust"], dtype=torch.bool)
+        state.setdefault("accuracy", {})  # a state written before it was recorded
         for attack in attacks:
             if attack in state["done"]:
                 continue
@@ -243,8 +277,10 @@ def autoattack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
             bar.close()
             state["done"].append(attack)
             state["attack"] = None
+            state["accuracy"][attack] = robust.float().mean().item()
             _save_state(state, path)
             log.debug("AutoAttack %s done: robust accuracy %.4f", attack, robust.float().mean().item())
+        accuracy.update(state["accuracy"])
     return robust
 
 
@@ -293,21 +329,27 @@ def attack_name(kind: str, cfg, autoattack: str | None = None) -> str:
 
 
 def evaluate_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, device="cpu", progress: bool = True,
-                   state_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
+                   state_dir: str | Path | None = None, details: dict | None = None) -> dict[str, torch.Tensor]:
     """Per-sample flags of every evaluation that ``cfg`` asks for, in order: ``clean``, then ``pgd``
     (``eval_pgd_steps`` > 0) and ``autoattack`` (``autoattack_version`` not off); every attack's flags
     imply the clean ones. With ``state_dir`` a killed AutoAttack evaluation resumes from
-    ``state_dir/autoattack_state.json``."""
+    ``state_dir/autoattack_state.json``. ``details``, a dict, receives what the reliability indicators read:
+    ``pgd_loss`` (``[N, steps + 1]``, the test PGD's per-step loss) and ``autoattack`` (its ``report``)."""
     flags = {"clean": clean_flags(model, x, y, cfg.eval_batch_size, device, progress)}
+    trace = [] if details is not None else None
     if cfg.eval_pgd_steps > 0:
         flags["pgd"] = pgd_flags(model, x, y, eps=cfg.eps, step_size=pgd_step(cfg), steps=cfg.eval_pgd_steps,
                                  restarts=cfg.eval_pgd_restarts, batch_size=cfg.eval_batch_size, device=device,
-                                 seed=cfg.seed, progress=progress, clean=flags["clean"])
+                                 seed=cfg.seed, progress=progress, clean=flags["clean"], loss_trace=trace)
+        if trace:
+            details["pgd_loss"] = torch.cat(trace)
     if cfg.autoattack_version != "off":
         state_path = Path(state_dir) / AUTOATTACK_STATE if state_dir is not None else None
         flags["autoattack"] = autoattack_flags(model, x, y, eps=cfg.eps, version=cfg.autoattack_version,
                                                batch_size=cfg.eval_batch_size, device=device, seed=cfg.seed,
-                                               clean=flags["clean"], progress=progress, state_path=state_path)
+                                               clean=flags["clean"], progress=progress, state_path=state_path,
+                                               report=details.setdefault("autoattack", {}) if details is not None
+                                               else None)
     return flags
 
 

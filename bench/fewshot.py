@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.evaluate import attack_name, fp32_eval, make_autoattack, pgd_step
+from bench.reliability import FewshotReliability
 from methods.attacks import eval_mode, pgd_linf_robust
 
 
@@ -63,6 +64,8 @@ def evaluate_fewshot(method, sampler, n_episodes: int, cfg, *, attack: bool, dev
         autoattack = getattr(cfg, "fewshot_autoattack", "off") if attack else "off"
     device = torch.device(device)
     acc: dict[str, list[float]] = {"clean": [], "adv": [], "autoattack": [], "robust": []}
+    # the indicators of the query attack (bench/reliability.py), for the test evaluation (attack on)
+    reliability = FewshotReliability(cfg) if attack and getattr(cfg, "reliability", "off") != "off" else None
     ways = shots = None
     model = getattr(method, "model", None)  # the classifiers are built from it: in fp32 too
     with fp32_eval(model) if model is not None else contextlib.nullcontext():
@@ -78,17 +81,21 @@ def evaluate_fewshot(method, sampler, n_episodes: int, cfg, *, attack: bool, dev
                     clean = clf(qx).argmax(1) == qy
                 robust = clean.clone()
                 acc["clean"].append(clean.float().mean().item())
+                pgd_ok = aa_ok = trace = None
                 if attack:
-                    _, ok = pgd_linf_robust(clf, qx, qy, eps=cfg.eps, step_size=pgd_step(cfg),
-                                            steps=cfg.eval_pgd_steps, random_start=False)
-                    robust &= ok
-                    acc["adv"].append((clean & ok).float().mean().item())
+                    trace = [] if reliability is not None else None
+                    _, pgd_ok = pgd_linf_robust(clf, qx, qy, eps=cfg.eps, step_size=pgd_step(cfg),
+                                                steps=cfg.eval_pgd_steps, random_start=False, loss_trace=trace)
+                    robust &= pgd_ok
+                    acc["adv"].append((clean & pgd_ok).float().mean().item())
                 if autoattack != "off":
-                    ok = episode_autoattack(clf, qx, qy, eps=cfg.eps, version=autoattack, ways=ways, device=device,
-                                            seed=cfg.seed + i)
-                    robust &= ok
-                    acc["autoattack"].append((clean & ok).float().mean().item())
+                    aa_ok = episode_autoattack(clf, qx, qy, eps=cfg.eps, version=autoattack, ways=ways,
+                                               device=device, seed=cfg.seed + i)
+                    robust &= aa_ok
+                    acc["autoattack"].append((clean & aa_ok).float().mean().item())
                 acc["robust"].append(robust.float().mean().item())
+                if reliability is not None:
+                    reliability.episode(clf, qx, qy, clean, pgd_ok, trace, aa_ok)
     out: dict[str, Any] = {"ways": getattr(sampler, "ways", ways), "shots": getattr(sampler, "shots", shots),
                            "episodes": n_episodes}
     out["clean_acc"], out["clean_ci95"] = mean_ci95(acc["clean"])
@@ -103,4 +110,6 @@ def evaluate_fewshot(method, sampler, n_episodes: int, cfg, *, attack: bool, dev
         out["robust_acc"], out["robust_ci95"] = mean_ci95(acc["robust"])
         out["robust_attack"] = (attack_name("autoattack", cfg, autoattack) if acc["autoattack"]
                                 else attack_name("pgd", cfg))
+    if reliability is not None:
+        out["reliability"] = reliability.block()
     return out

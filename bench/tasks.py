@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
-from bench.evaluate import clean_flags, pgd_flags, pgd_step, robust_metrics
+from bench.evaluate import clean_flags, metrics_from_flags, pgd_flags, pgd_step
+from bench.reliability import evaluate_with_reliability
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
 from data_shards.reader import load_split, make_loader
@@ -122,10 +123,15 @@ class SupervisedTask:
         cfg = self.cfg
         x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size,
                           transform=cfg.transform)
-        if cfg.eval_shards > 1:
+        if cfg.eval_shards > 1:  # the reliability indicators need the whole evaluation in one process
             return {"metrics": self._sharded_metrics(method, x, y, progress=progress, state_dir=state_dir)}
-        return {"metrics": robust_metrics(method.eval_model(), x, y, cfg, device=self.device, progress=progress,
-                                          state_dir=state_dir)}  # a killed evaluation resumes
+        # a killed evaluation resumes (state_dir); the reliability indicators read the same flags
+        flags, reliability = evaluate_with_reliability(method.eval_model(), x, y, cfg, n_classes=self.num_classes,
+                                                       device=self.device, progress=progress, state_dir=state_dir)
+        out = {"metrics": metrics_from_flags(flags, cfg)}
+        if reliability is not None:
+            out["reliability"] = reliability
+        return out
 
     def _sharded_metrics(self, method: Method, x, y, *, progress: bool, state_dir: Path) -> dict[str, Any]:
         """The test evaluation as ``eval_shards`` Ray tasks (the flags one process gives; each shard resumes
@@ -248,7 +254,8 @@ class EpisodicTask:
         if sampler is None:
             return {}
         attack = adversarial and cfg.val_pgd_steps > 0
-        out = evaluate_fewshot(method, sampler, cfg.val_episodes, replace(cfg, eval_pgd_steps=cfg.val_pgd_steps),
+        out = evaluate_fewshot(method, sampler, cfg.val_episodes, replace(cfg, eval_pgd_steps=cfg.val_pgd_steps,
+                                                                               reliability="off"),
                                attack=attack, device=self.device, progress=False, autoattack="off")
         val = {"val_fewshot_acc": out["clean_acc"]}
         if attack:
@@ -276,7 +283,12 @@ class EpisodicTask:
         blocks = {t["name"]: evaluate_fewshot(method, t["test"], cfg.episodes, cfg, attack=True, device=self.device,
                                               progress=progress)
                   for t in self.targets}
+        # each block keeps its own indicators; the row's (result.json's top level) are the primary target's
+        reliability = {name: block.pop("reliability", None) for name, block in blocks.items()}
         out = {"fewshot": next(iter(blocks.values()))}  # the first (primary) target's
+        if next(iter(reliability.values())) is not None:
+            out["reliability"] = next(iter(reliability.values()))
         if cfg.target_datasets:
             out["fewshot_targets"] = blocks
+            out["reliability_targets"] = {name: r for name, r in reliability.items() if r is not None}
         return out

@@ -24,6 +24,8 @@ from bench.engine import (BEST, broadcast_, build_engine, full_state_dict, load_
                           trial_device, world)
 from bench.files import atomic_write_json
 from bench.prerequisites import in_run_dir
+
+from bench.report.tracking import reliability_summary
 from bench.tasks import task_for
 from data_shards.manifest import read_manifest
 from data_shards.paths import dataset_dir
@@ -465,6 +467,7 @@ def _flat_summary(result: dict) -> dict[str, float]:
         for k, v in (result.get(block) or {}).items():
             if isinstance(v, (int, float)):
                 out[f"{block}/{k}"] = v
+    out.update(reliability_summary(result.get("reliability")))  # the indicators, beside the numbers they judge
     return out
 
 

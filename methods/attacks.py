@@ -24,7 +24,8 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 
 
 def pgd_linf_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
                     steps: int, random_start: bool = False, loss_fn=None,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    generator: torch.Generator | None = None,
+                    loss_trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PGD for evaluation: ``(x_adv, robust)`` where ``robust[i]`` is True only if sample i is classified
     correctly at every point the attack visited (its start, which is ``x`` itself without ``random_start``,
     and every iterate), and ``x_adv[i]`` is the first misclassified point found (else the last iterate).
@@ -34,11 +35,16 @@ def pgd_linf_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     example (AutoAttack's APGD keeps its best iterate the same way), and counting the last iterate only
     lets a sample that is wrong clean count as robust (robust accuracy above clean accuracy). The
     iterates' predictions come from the forward passes the gradient needs anyway: one extra forward in all.
+
+    ``loss_trace``, a list, receives the per-sample cross-entropy at the start and after every step
+    (``steps + 1`` CPU tensors of shape ``[len(x)]``), from those same logits: what an attack-failure
+    indicator reads to see whether the loss was still rising when the attack stopped.
     """
-    return _pgd(model, x, y, eps, step_size, steps, random_start, loss_fn, track=True, generator=generator)
+    return _pgd(model, x, y, eps, step_size, steps, random_start, loss_fn, track=True, generator=generator,
+                loss_trace=loss_trace)
 
 
-def _pgd(model, x, y, eps, step_size, steps, random_start, loss_fn, track=False, generator=None):
+def _pgd(model, x, y, eps, step_size, steps, random_start, loss_fn, track=False, generator=None, loss_trace=None):
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target))
     x = x.detach()
     if random_start and steps > 0 and eps > 0:
@@ -56,6 +62,8 @@ def _pgd(model, x, y, eps, step_size, steps, random_start, loss_fn, track=False,
         wrong = (logits.argmax(1) != y) & robust
         found[wrong] = at[wrong].detach()
         robust.logical_and_(~wrong)
+        if loss_trace is not None:
+            loss_trace.append(F.cross_entropy(logits.detach().float(), y, reduction="none").cpu())
 
     # Parameters need no gradient for the attack: switching them off skips the weight-gradient kernels.
     params = [p for p in model.parameters() if p.requires_grad]

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "apgd-ce", "off")
+# bench/reliability.py: every indicator of attack failure; quick: those that cost no extra attack; off: none
+RELIABILITY_MODES = ("full", "quick", "off")
 # Named (train, eval) image transforms, implemented with torchvision in data_shards/transforms.py:
 # auto: the data set's usual one (cifar when all images share one size <= 64 px, else imagenet224);
 # cifar: pad-4 crop + flip / identity; imagenet224: Resize(256)+RandomResizedCrop(224)+flip /
@@ -81,6 +83,12 @@ class BaseConfig:
     eval_pgd_restarts: int = 1  # the test PGD's runs per sample: the first from the clean input, then random starts
     val_pgd_steps: int = 10
     autoattack_version: str = "standard"
+    # Reliability indicators of the test evaluation (docs/reliability.md); they never change a metric, so
+    # they are left out of the config hash like a speed switch. reliability_n: the samples full mode's extra
+    # attacks run on; None: as many as cost at most 25% of the row's evaluation.
+    reliability: str = setting("full", role="speed", doc="reliability indicators: full, quick or off")
+    reliability_n: int | None = setting(None, role="speed", doc="samples of full mode's extra attacks (None: "
+                                                                 "a 25% cost budget)")
     # threat model (pixel scale, inputs in [0, 1])
     eps: float = 8 / 255
     train_step_size: float = 2 / 255
@@ -161,6 +169,10 @@ class BaseConfig:
                              f"clean input; eval_pgd_steps=0 skips PGD where AutoAttack runs)")
         if self.autoattack_version not in AUTOATTACK_VERSIONS:
             raise ValueError(f"autoattack_version={self.autoattack_version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
+        if self.reliability not in RELIABILITY_MODES:
+            raise ValueError(f"reliability={self.reliability!r}; valid: {', '.join(RELIABILITY_MODES)}")
+        if self.reliability_n is not None and self.reliability_n <= 0:
+            raise ValueError(f"reliability_n={self.reliability_n} must be positive or null (a 25% cost budget)")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform={self.transform!r}; valid: {', '.join(TRANSFORMS)}")
         if self.input_resize is not None and self.input_resize <= 0:

@@ -19,6 +19,7 @@ COLUMNS = [
     ("clean_acc", "clean", "acc"),
     ("robust_acc", "robust", "acc"),
     ("robust_metric", "robust metric", "str"),
+    ("reliability", "reliability", "str"),
     ("pgd_acc", "PGD", "acc"),
     ("pgd_steps", "PGD steps", "num"),
     ("eps", "eps", "num"),
@@ -49,7 +50,8 @@ _ALWAYS = ("rank", "dataset", "method", "clean_acc", "robust_acc", "n", "vs_base
 # leaderboard.csv and the W&B table: every row field a reader may want, raw numbers (fractions, not %).
 CSV_FIELDS = ["group", "rank", "dataset", "task", "threat", "source_dataset", "method", "backbone", "kind",
               "clean_acc", "clean_acc_std", "robust_acc",
-              "robust_acc_std", "robust_metric", "pgd_acc", "pgd_acc_std", "pgd_steps", "eps", "autoattack_acc",
+              "robust_acc_std", "robust_metric", "reliability", "reliability_fired", "reliability_suspect_seeds",
+              "pgd_acc", "pgd_acc_std", "pgd_steps", "eps", "autoattack_acc",
               "autoattack_acc_std", "autoattack_version", "n_eval", "fs_setting", "fs_clean_acc",
               "fs_clean_acc_std", "fs_clean_ci95", "fs_adv_acc", "fs_adv_acc_std", "fs_adv_ci95", "wall_s",
               "images_per_s", "device", "n", "seeds", "vs_baseline", "t_stat", "p_value", "pareto", "config_hash",
@@ -106,8 +108,40 @@ def fmt_eps(v: Any) -> str:
     return fmt_num(v)
 
 
+# What a fired reliability indicator means (bench/reliability.py; docs/reliability.md has sources and remedies).
+INDICATOR_MEANINGS = {
+    "aa_randomized": "AutoAttack check: the model's output changes between identical forwards (a randomized "
+                     "defence); evaluate with autoattack_version=rand",
+    "aa_softmax_output": "AutoAttack check: the model outputs probabilities, not logits; the attacks' losses saturate",
+    "aa_zero_gradients": "AutoAttack check: some samples have an all-zero input gradient; gradient attacks cannot move them",
+    "aa_dynamic": "AutoAttack check: the forward computes gradients (a dynamic defence); AutoAttack may be insufficient",
+    "aa_n_classes": "AutoAttack check: too few classes for the (targeted) DLR attacks",
+    "aa_square": "AutoAttack check: the black-box Square attack broke samples the white-box attacks did not "
+                 "(gradient masking)",
+    "unavailable_gradients": "samples the attack failed on have an exactly zero input gradient (masked gradients)",
+    "incomplete_optimisation": "the attack's loss was still rising when it stopped: more steps would break more samples",
+    "pgd_vs_autoattack": "AutoAttack left more samples robust than PGD: AutoAttack failed where a weaker attack worked",
+    "steps_convergence": "doubling the PGD steps lowered robust accuracy: the attack had not converged",
+    "restarts_convergence": "random restarts lowered robust accuracy: the attack's single run got stuck",
+    "budget_monotone": "robust accuracy rose with a larger eps: the attack fails at some budgets",
+    "budget_unbounded": "an unbounded attack left more than chance accuracy: the attack, not the model, failed",
+}
+
+
+def reliability_text(row: dict) -> str:
+    """"ok", or "suspect: <indicators that fired>" (with "k/n seeds" when not every seed is suspect)."""
+    verdict = row.get("reliability")
+    if verdict != "suspect":
+        return verdict or "–"
+    seeds = row.get("reliability_suspect_seeds") or ""
+    part = f" ({seeds} seeds)" if seeds and seeds.split("/")[0] != seeds.split("/")[-1] else ""
+    return f"suspect{part}: " + ", ".join((row.get("reliability_fired") or "").split(";"))
+
+
 def cell(row: dict, key: str, kind: str) -> str:
     """The text of one table cell."""
+    if key == "reliability":
+        return reliability_text(row)
     if key == "eps":
         return fmt_eps(row.get(key))
     if kind == "acc":

@@ -35,7 +35,7 @@ def build_leaderboard(results_dir: Path, out_dir: Path | None = None, *, wandb_l
     # imported here: every `bench` command imports this module for its parser, and pandas/matplotlib are slow
     from bench.report.formats import attach_provenance
     from bench.report.page import write_html
-    from bench.report.plots import plot_curves, plot_params, plot_pareto
+    from bench.report.plots import plot_curves, plot_params, plot_pareto, plot_robustness_curve
     from bench.report.results import get, load_results
     from bench.report.stats import finish_rows, group_records
     from bench.report.tables import print_table, write_csv, write_md
@@ -51,7 +51,8 @@ def build_leaderboard(results_dir: Path, out_dir: Path | None = None, *, wandb_l
     attach_provenance(rows, records)
     images: list[Path] = []
     for name, fn, arg in (("pareto.png", plot_pareto, rows), ("curves.png", plot_curves, records),
-                          ("params.png", plot_params, records)):
+                          ("params.png", plot_params, records),
+                          ("robustness_curve.png", plot_robustness_curve, records)):
         p = out_dir / name
         try:
             if fn(arg, p):

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from bench.files import atomic_write
-from bench.report.formats import cell, group_columns, reproduce_commands, row_groups
+from bench.report.formats import INDICATOR_MEANINGS, cell, group_columns, reproduce_commands, row_groups
 
 # Why the table is written by hand rather than by DataFrame.to_html / Styler: every cell carries its raw value
 # in data-sort (the sorter's key) and each row its method in data-method, which neither can attach per cell.
@@ -63,6 +63,8 @@ th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::afte
 td.s{text-align:left} tr.pareto td:first-child{font-weight:bold}
 td details code{display:block;white-space:pre-wrap;overflow-wrap:anywhere;text-align:left;font-size:11px}
 td.better{background:#d9f2d9} td.worse{background:#f7d6d6}
+td.suspect{background:#fdebc8} td.suspect details{white-space:normal;max-width:32em}
+td.suspect summary{cursor:pointer} td.suspect li{margin:2px 0}
 img{max-width:100%;margin-top:1em}
 """
 
@@ -90,14 +92,27 @@ def _html_table(index: int, label: str, rows: list[dict]) -> list[str]:
                 tdcls.append("s")
             if k == "vs_baseline" and v in ("better", "worse"):
                 tdcls.append(v)
+            if k == "reliability" and v == "suspect":
+                tdcls.append("suspect")
             c = f" class='{' '.join(tdcls)}'" if tdcls else ""
-            text = html.escape(cell(r, k, kd))
+            text = _reliability_cell(r) if k == "reliability" and v == "suspect" else html.escape(cell(r, k, kd))
             if k == "commit" and commands:  # the commit opens onto the commands, to copy
                 text = f"<details><summary>{text}</summary><code>{html.escape(commands)}</code></details>"
             out.append(f"<td{c} data-sort='{html.escape(sort, quote=True)}'>{text}</td>")
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return out
+
+
+def _reliability_cell(row: dict) -> str:
+    """A suspect row's reliability cell: which indicators fired (the summary) and what each means (opened
+    by a click, and as the cell's tooltip)."""
+    fired = [f for f in (row.get("reliability_fired") or "").split(";") if f]
+    meanings = [(f, INDICATOR_MEANINGS.get(f, "see docs/reliability.md")) for f in fired]
+    tip = html.escape("; ".join(f"{f}: {m}" for f, m in meanings), quote=True)
+    items = "".join(f"<li><b>{html.escape(f)}</b>: {html.escape(m)}</li>" for f, m in meanings)
+    return (f"<details title='{tip}'><summary>{html.escape(cell(row, 'reliability', 'str'))}</summary>"
+            f"<ul>{items}</ul>see docs/reliability.md for what to do</details>")
 
 
 def write_html(rows: list[dict], path: Path, problems: list[tuple[str, str]], images: list[Path]) -> None:
@@ -108,7 +123,9 @@ def write_html(rows: list[dict], path: Path, problems: list[tuple[str, str]], im
            "compared only within their group. Accuracies in %, mean ± sample std over seeds. Click a column "
            "header to sort (again to reverse). vs baseline: Welch's t-test within the group, p &lt; 0.05, "
            "both n ≥ 2. commit: the code a row ran (+: with uncommitted changes); hover a row, or open its "
-           "commit, for the <code>bench reproduce</code> command of each of its trials.</p>"]
+           "commit, for the <code>bench reproduce</code> command of each of its trials. reliability: "
+           "<i>suspect</i> when an indicator of attack failure fired (click the cell for what it means), "
+           "<i>ok</i> when none did.</p>"]
     for gi, (label, group_rows) in enumerate(row_groups(rows)):
         out += _html_table(gi, label, group_rows)
     for img in images:

@@ -1,5 +1,6 @@
 """The leaderboard's matplotlib figures (PNG): clean vs robust accuracy with each comparison group's Pareto front,
-validation curves with the λ/η schedules per sweep, and robust accuracy against each swept setting.
+validation curves with the λ/η schedules per sweep, robust accuracy against each swept setting, and robust
+accuracy against the attack budget (the reliability indicators' robustness curve).
 
 Every figure has one panel per comparison group (never two threat models or tasks on one axis) and gives a
 method the same colour in every figure."""
@@ -9,8 +10,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 from bench.files import atomic_write
-from bench.report.formats import row_groups
-from bench.report.results import (comparison_group, get, group_label, num, record_robust, record_robust_ci95,
+from bench.report.formats import fmt_eps, row_groups
+from bench.report.results import (comparison_group, get, group_label, num, record_curve, record_kind, record_robust,
+                                  record_robust_ci95,
                                   swept_settings)
 
 
@@ -194,3 +196,56 @@ def plot_params(records: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path, dpi=90)
+
+
+def plot_robustness_curve(records: list[dict], path: Path) -> bool:
+    """One panel per comparison group: robust accuracy against eps for each method (mean ± std over seeds,
+    from result.json's ``reliability.curve``: PGD at eps x 0.25, 0.5, 1, 2, 4 and unbounded), with the clean
+    accuracy at eps 0 and chance marked. The budgets sit at even spacing, labelled with their eps: the
+    unbounded point (eps 1) would squash the others on a linear axis. A working attack drives the curve
+    down to chance; a curve that stays up is a failed attack (docs/reliability.md)."""
+    import numpy as np
+
+    groups: dict[str, dict[str, list[dict]]] = OrderedDict()
+    for rec in records:
+        curve = record_curve(rec)
+        if curve is None or record_kind(rec) != "supervised":
+            continue
+        groups.setdefault(group_label(comparison_group(rec)), OrderedDict()).setdefault(rec["method"], []).append(curve)
+    if not groups:
+        return False
+    plt = _plt()
+    ncol = min(3, len(groups))
+    nrow = -(-len(groups) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4.3 * nrow), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    cmap = plt.get_cmap("tab10")
+    for ax, (label, by_method) in zip(axes.flat, groups.items()):
+        ticks: list[str] = []
+        chance = None
+        for mi, (method, curves) in enumerate(sorted(by_method.items())):
+            eps = curves[0]["eps"]
+            same = [c for c in curves if c["eps"] == eps]  # seeds of one budget list (one config)
+            ys = np.array([[100 * (num(v) if num(v) is not None else np.nan) for v in
+                            [c.get("clean_acc"), *c["robust_acc"]]] for c in same])
+            mean = np.nanmean(ys, 0)
+            std = np.nanstd(ys, 0, ddof=1) if len(ys) > 1 else np.zeros_like(mean)
+            xs = np.arange(len(mean))
+            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=2, color=cmap(mi % 10),
+                        label=f"{method} (n={len(same)})")
+            ax.scatter([0], [mean[0]], s=90, facecolors="none", edgecolors=cmap(mi % 10))
+            if len(eps) + 1 > len(ticks):
+                ticks = ["0 (clean)"] + [fmt_eps(e) if e < 1 else "unbounded" for e in eps]
+            chance = num(same[0].get("chance")) if chance is None else chance
+        if chance is not None:
+            ax.axhline(100 * chance, color="grey", ls="--", lw=1, label="chance")
+        ax.set_xticks(range(len(ticks)))
+        ax.set_xticklabels(ticks, rotation=30, fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("eps (L-inf, pixel scale)")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path, dpi=100)

@@ -173,8 +173,12 @@ def expand_targets(records: list[dict]) -> list[dict]:
                 continue
             if target == rec["dataset"] and isinstance(rec.get("fewshot"), dict):
                 continue  # the in-domain block is the trial's own row already
-            target_rec = {k: v for k, v in rec.items() if k not in ("metrics", "fewshot", "fewshot_targets")}
+            target_rec = {k: v for k, v in rec.items()
+                          if k not in ("metrics", "fewshot", "fewshot_targets", "reliability", "reliability_targets")}
             target_rec.update(dataset=target, source_dataset=rec["dataset"], fewshot=block)
+            own = get(rec, "reliability_targets", target)  # the target's own indicators, never the source's
+            if isinstance(own, dict):
+                target_rec["reliability"] = own
             out.append(target_rec)
     return out
 
@@ -270,6 +274,23 @@ def record_attack(rec: dict) -> str | None:
     if num(get(rec, block, "pgd_acc" if block == "metrics" else "adv_acc")) is not None:
         return f"PGD-{steps}" if steps is not None else "PGD"
     return None
+
+
+def record_reliability(rec: dict) -> tuple[str | None, list[str]]:
+    """A trial's reliability verdict ("ok", "suspect"; None when not computed) and the indicators that fired."""
+    block = rec.get("reliability")
+    if not isinstance(block, dict) or block.get("verdict") not in ("ok", "suspect"):
+        return None, []
+    return block["verdict"], [str(f) for f in block.get("fired") or []]
+
+
+def record_curve(rec: dict) -> dict | None:
+    """A trial's robustness curve (bench/reliability.py: robust accuracy at eps x 0.25..4 and unbounded)."""
+    curve = get(rec, "reliability", "curve")
+    if not isinstance(curve, dict) or not isinstance(curve.get("eps"), list) \
+            or not isinstance(curve.get("robust_acc"), list) or len(curve["eps"]) != len(curve["robust_acc"]):
+        return None
+    return curve
 
 
 def swept_settings(records: list[dict]) -> list[str]:

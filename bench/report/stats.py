@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from bench.config import config_hash
-from bench.report.results import (expand_targets, get, group_label, num, record_attack, record_kind, record_robust,
-                                  record_robust_ci95, record_task, record_threat, selected_settings)
+from bench.report.results import (expand_targets, get, group_label, num, record_attack, record_kind, record_reliability,
+                                  record_robust, record_robust_ci95, record_task, record_threat, selected_settings)
 
 BASELINES = {"supervised": "rft", "fewshot": "pmf"}
 ALPHA = 0.05
@@ -49,6 +49,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         row["robust_acc"], row["robust_metric"] = record_robust(rec), record_attack(rec) or ""
         row["fs_robust_ci95"] = record_robust_ci95(rec)
         row["selected"] = selected_settings(rec)
+        row["_reliability"] = record_reliability(rec)
         row["seed"] = rec.get("seed") if rec.get("seed") is not None else cfg.get("seed")
         row["trial_config_hash"] = rec.get("config_hash")
         row["id"] = rec.get("id", "")
@@ -94,7 +95,8 @@ def group_records(records: list[dict]) -> list[dict]:
                 seeds=("seed", lambda s: ",".join(str(v) for v in s if v is not None)),
                 trial_config_hashes=("trial_config_hash", lambda s: ",".join(str(v or "") for v in s)),
                 _trial_hashes=("trial_config_hash", lambda s: sorted({str(v) for v in s if v})),
-                ids=("id", lambda s: ",".join(str(v) for v in s)))
+                ids=("id", lambda s: ",".join(str(v) for v in s)),
+                _reliability=("_reliability", list))
     by_row = frame.groupby(ROW_KEY, sort=False, dropna=False)
     table = by_row.agg(**spec).reset_index()
     # shared settings outside agg: its result would turn whole numbers into floats (10 -> 10.0) beside a None
@@ -110,10 +112,24 @@ def group_records(records: list[dict]) -> list[dict]:
         if row["kind"] == "fewshot":
             row["clean_acc"], row["clean_acc_std"] = row["fs_clean_acc"], row["fs_clean_acc_std"]
         # result.json's config_hash (bench.config.config_hash at run time) where the seeds agree on one
+        row.update(reliability_fields(row.pop("_reliability")))
         hashes = row.pop("_trial_hashes")
         row["config_hash"] = hashes[0] if len(hashes) == 1 else row["group_hash"]
         rows.append(row)
     return rows
+
+
+def reliability_fields(per_seed: list[tuple[str | None, list[str]]]) -> dict:
+    """A row's reliability over its seeds: ``reliability`` "ok" (every measured seed ok), "suspect" (any seed
+    suspect) or None (no seed measured); ``reliability_fired``: the indicators that fired in any seed, in
+    first-seen order (";"-joined); ``reliability_suspect_seeds``: "k/n" of the measured seeds."""
+    measured = [(v, fired) for v, fired in per_seed if v is not None]
+    if not measured:
+        return {"reliability": None, "reliability_fired": None, "reliability_suspect_seeds": None}
+    suspect = [fired for v, fired in measured if v == "suspect"]
+    fired = list(dict.fromkeys(name for names in suspect for name in names))
+    return {"reliability": "suspect" if suspect else "ok", "reliability_fired": ";".join(fired) or None,
+            "reliability_suspect_seeds": f"{len(suspect)}/{len(measured)}"}
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:

@@ -11,7 +11,7 @@ from bench.report.formats import CSV_FIELDS, cells_frame, group_columns, row_gro
 from bench.report.stats import ALPHA, BASELINES
 
 # the console shows fewer columns than the files (a terminal is narrow)
-CONSOLE_KEYS = ("rank", "method", "backbone", "clean_acc", "robust_acc", "robust_metric", "pgd_acc",
+CONSOLE_KEYS = ("rank", "method", "backbone", "clean_acc", "robust_acc", "robust_metric", "reliability", "pgd_acc",
                 "autoattack_acc", "fs_adv_acc", "n", "vs_baseline", "p_value", "pareto", "wall_s")
 
 
@@ -40,7 +40,8 @@ def write_md(rows: list[dict], path: Path, problems: list[tuple[str, str]], imag
              "Accuracies in %, mean ± sample std over seeds (n). Robust = AutoAttack when every seed has it, "
              f"else PGD; few-shot rows use episodic accuracies. \"vs baseline\": Welch's t-test on robust "
              f"accuracy against `{BASELINES['supervised']}` (supervised) / `{BASELINES['fewshot']}` (few-shot) in "
-             f"the same group, p < {ALPHA}, only when both n ≥ 2.", ""]
+             f"the same group, p < {ALPHA}, only when both n ≥ 2. \"reliability\": `suspect` when an indicator of attack "
+             f"failure fired (named; docs/reliability.md says what each means and what to do), `ok` when none did.", ""]
     for label, group_rows in row_groups(rows):
         lines += [f"## {label}", "", *markdown_table(cells_frame(group_rows, group_columns(group_rows))), ""]
     if images:

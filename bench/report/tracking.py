@@ -130,6 +130,25 @@ def summary_items(summary: dict | None) -> dict:
     return {summary_key(k): v for k, v in _flat_numbers(_jsonable(dict(summary or {}))).items()}
 
 
+def reliability_summary(block: dict | None) -> dict:
+    """A row's reliability indicators (result.json's ``reliability``) as flat W&B summary keys:
+    ``reliability/verdict`` ("ok" or "suspect"), ``reliability/suspect`` (0/1, to filter and plot),
+    ``reliability/fired`` (the indicators that fired, comma-separated), and per indicator its value
+    (``reliability/<name>``; a check's yes/no as 0/1) and ``reliability/<name>/fired`` (0/1)."""
+    if not isinstance(block, dict) or "verdict" not in block:
+        return {}
+    out: dict = {"reliability/verdict": block["verdict"], "reliability/suspect": int(block["verdict"] == "suspect"),
+                 "reliability/fired": ",".join(block.get("fired") or []), "reliability/mode": block.get("mode")}
+    for name, ind in (block.get("indicators") or {}).items():
+        value = ind.get("value")
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, (int, float)):
+            out[f"reliability/{name}"] = value
+        out[f"reliability/{name}/fired"] = int(ind.get("verdict") == "fired")
+    return out
+
+
 def wait_flushed(run_dir: Path | None, timeout: float | None = None) -> bool:
     """Wait (bounded) until an offline run's ``run-*.wandb`` log ends with its exit record.
 
