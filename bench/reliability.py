@@ -172,10 +172,12 @@ def _random_start_flags(model, x, y, *, eps, step_size, steps, first: int, runs:
 def extra_attack_plan(cfg) -> list[tuple[str, float, int, int]]:
     """The full mode's extra attacks: (name, eps, steps, runs) each; their per-sample cost is
     ``runs * (steps + 1)`` forwards (and ``runs * steps`` backwards)."""
-    k = cfg.eval_pgd_steps or 10
-    plan = [("steps_2k", cfg.eps, 2 * k, 1),
-            ("restarts", cfg.eps, k, max(MIN_EXTRA_RESTARTS, cfg.eval_pgd_restarts))]
-    plan += [(f"eps_x{m:g}", cfg.eps * m, k, 1) for m in BUDGET_MULTIPLES if m != 1.0 or not cfg.eval_pgd_steps]
+    k, runs = cfg.eval_pgd_steps or 10, cfg.eval_pgd_restarts
+    plan = [("steps_2k", cfg.eps, 2 * k, runs),  # as many runs as the row's, each twice as long
+            ("restarts", cfg.eps, k, max(MIN_EXTRA_RESTARTS, runs))]
+    # the budget curve: single runs (the row's own PGD is its eps x1 point when it is a single run too)
+    plan += [(f"eps_x{m:g}", cfg.eps * m, k, 1) for m in BUDGET_MULTIPLES
+             if m != 1.0 or not cfg.eval_pgd_steps or runs > 1]
     plan.append(("unbounded", UNBOUNDED_EPS, k, 1))
     return plan
 
@@ -190,16 +192,17 @@ def full_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: t
     k, step_ratio = cfg.eval_pgd_steps or 10, pgd_step(cfg) / cfg.eps if cfg.eps > 0 else 0.25
     n, bs = len(x), cfg.eval_batch_size
 
-    def attack(eps: float, steps: int) -> torch.Tensor:
-        return pgd_flags(model, x, y, eps=eps, step_size=eps * step_ratio, steps=steps, batch_size=bs,
-                         device=device, seed=cfg.seed, clean=clean)
+    def attack(eps: float, steps: int, restarts: int = 1) -> torch.Tensor:
+        return pgd_flags(model, x, y, eps=eps, step_size=eps * step_ratio, steps=steps, restarts=restarts,
+                         batch_size=bs, device=device, seed=cfg.seed, clean=clean)
 
+    single = pgd is not None and cfg.eval_pgd_restarts == 1
     base = pgd if pgd is not None else attack(cfg.eps, k)
     acc = lambda f: (f & clean).float().mean().item()  # noqa: E731
     one = 1 / n  # one sample
     tol = max(one, CONVERGENCE_TOLERANCE)
     out = {}
-    twice = attack(cfg.eps, 2 * k)
+    twice = attack(cfg.eps, 2 * k, cfg.eval_pgd_restarts if pgd is not None else 1)
     out["steps_convergence"] = _indicator(round(acc(base) - acc(twice), 6), tol, acc(base) - acc(twice) > tol + 1e-9,
                                           steps=[k, 2 * k], robust_acc=[acc(base), acc(twice)])
     runs = max(MIN_EXTRA_RESTARTS, cfg.eval_pgd_restarts)
@@ -211,7 +214,8 @@ def full_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: t
                                              restarts=[cfg.eval_pgd_restarts, cfg.eval_pgd_restarts + runs],
                                              robust_acc=[acc(base), acc(restarted)])
     eps_list = [cfg.eps * m for m in BUDGET_MULTIPLES]
-    curve = [acc(base) if m == 1.0 else acc(attack(cfg.eps * m, k)) for m in BUDGET_MULTIPLES]
+    curve = [acc(base) if m == 1.0 and (single or pgd is None) else acc(attack(cfg.eps * m, k))
+             for m in BUDGET_MULTIPLES]
     rise = max((b - a for a, b in zip(curve, curve[1:])), default=0.0)
     out["budget_monotone"] = _indicator(round(max(rise, 0.0), 6), one, rise > one + 1e-9)
     unbounded = acc(attack(UNBOUNDED_EPS, k))
@@ -242,7 +246,10 @@ def row_reliability(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: d
     t0 = time.time()
     mode = cfg.reliability
     clean = flags["clean"]
-    survived = flags.get("autoattack", flags.get("pgd", clean)) & clean
+    survived = clean.clone()  # the samples the row counts robust: every attack that ran failed on them
+    for name in ("pgd", "autoattack"):
+        if name in flags:
+            survived &= flags[name]
     aa = details.get("autoattack", {})
     with eval_mode(model), fp32_eval(model):
         grads = input_gradients(model, x, y, cfg.eval_batch_size, device)

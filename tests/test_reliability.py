@@ -210,3 +210,34 @@ def test_no_curve_no_robustness_plot(tmp_path):
     build_leaderboard(tmp_path, console=False)
     assert not (tmp_path / "robustness_curve.png").exists()
     assert "| ok |" in (tmp_path / "leaderboard.md").read_text()
+
+
+class _Episodes:
+    """A few-shot 'method' and sampler: every episode's classifier is ``model``, its queries 40 test digits."""
+
+    ways, shots = 10, 1
+
+    def __init__(self, model, data):
+        self.model, self.data = model, data
+
+    def episode_classifier(self, sx, sy, **_):
+        return self.model
+
+    def sample(self, i):
+        x, y = self.data
+        q = slice(40 * i, 40 * (i + 1))
+        return x[:10], torch.arange(10), x[q], y[q]
+
+
+def test_fewshot_rows_get_their_query_attacks_indicators(robust_mlp, digits8):
+    from bench.fewshot import evaluate_fewshot
+
+    cfg = resolve_config("pmf", {"eps": EPS, "eval_pgd_steps": 10, "test_time_ft_steps": 0})
+    episodes = _Episodes(Quantised(robust_mlp), digits8[1])
+    masked = evaluate_fewshot(episodes, episodes, 3, cfg, attack=True, progress=False)["reliability"]
+    assert masked["verdict"] == "suspect" and masked["mode"] == "quick" and masked["n"] == 120
+    assert {"unavailable_gradients", "aa_zero_gradients"} <= set(masked["fired"])
+    episodes = _Episodes(robust_mlp, digits8[1])
+    plain = evaluate_fewshot(episodes, episodes, 3, cfg, attack=True, progress=False)["reliability"]
+    assert plain["verdict"] == "ok", plain["fired"]
+    assert "incomplete_optimisation" in plain["indicators"]

@@ -1,7 +1,8 @@
 """``bench perf``: the performance benchmarks, as one JSON document.
 
 Each section lives beside the code it measures (loader: the reader, autolora_step: the training step,
-tune: Ray Tune's overhead, sharded_eval: AutoAttack as Ray shards); this module only runs them and reports.
+tune: Ray Tune's overhead, sharded_eval: AutoAttack as Ray shards, reliability: the indicators' cost against
+the evaluation); this module only runs them and reports.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ SECTIONS = {
     "tune": ("bench.perf.tune", "tune_benchmark"),
     "paper_step": ("bench.perf.paper_step", "paper_step_benchmark"),
     "sharded_eval": ("bench.perf.sharded_eval", "sharded_eval_benchmark"),
+    "reliability": ("bench.perf.reliability", "reliability_benchmark"),
 }
 
 
