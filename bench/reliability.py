@@ -290,7 +290,7 @@ def row_reliability(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: d
     return block
 
 
-class _ForwardCounter:
+class ForwardCounter:
     """Counts the samples that go through ``module``'s forward (the evaluation's cost, in sample-forwards)."""
 
     def __init__(self, module: nn.Module):
@@ -317,7 +317,7 @@ def evaluate_with_reliability(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     if cfg.reliability == "off":
         return evaluate_flags(model, x, y, cfg, device, progress, state_dir), None
     details: dict = {}
-    with _ForwardCounter(model) as counter:
+    with ForwardCounter(model) as counter:
         flags = evaluate_flags(model, x, y, cfg, device, progress, state_dir, details=details)
     return flags, row_reliability(model, x, y, flags, details, cfg, n_classes=n_classes,
                                   eval_forwards=counter.count, device=device)

@@ -241,3 +241,30 @@ def test_fewshot_rows_get_their_query_attacks_indicators(robust_mlp, digits8):
     plain = evaluate_fewshot(episodes, episodes, 3, cfg, attack=True, progress=False)["reliability"]
     assert plain["verdict"] == "ok", plain["fired"]
     assert "incomplete_optimisation" in plain["indicators"]
+
+
+def test_bench_run_writes_reliability_into_result_and_wandb_summary(shards_root, tmp_path):
+    """Every supervised result.json has its reliability block; the summary (W&B, metrics.jsonl) its verdict."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), WANDB_MODE="offline")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = tmp_path / "ft"
+    p = subprocess.run([sys.executable, "-m", "bench", "run", "--method", "ft", "--backbone", "tiny_cnn",
+                        "--data-root", str(shards_root), "--out", str(out), "--no-progress", "--set", "epochs=1",
+                        "--set", "max_train_samples=64", "--set", "n_eval=32", "--set", "n_val=32",
+                        "--set", "eval_pgd_steps=3", "--set", "val_pgd_steps=1", "--set", "autoattack_version=off",
+                        "--set", "reliability_n=16"], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rel = json.loads((out / "result.json").read_text())["reliability"]
+    assert rel["mode"] == "full" and rel["subset_n"] == 16 and rel["verdict"] in ("ok", "suspect")
+    assert rel["fired"] == [k for k, v in rel["indicators"].items() if v["verdict"] == "fired"]
+    assert len(rel["curve"]["robust_acc"]) == 6
+    summary = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if r.get("kind") == "summary"][-1]
+    assert summary["reliability/verdict"] == rel["verdict"]
+    assert summary["reliability/budget_unbounded/fired"] in (0, 1)

@@ -16,11 +16,11 @@ import torch
 
 def _row(model, x, y, cfg):
     from bench.evaluate import evaluate_flags
-    from bench.reliability import _ForwardCounter, row_reliability
+    from bench.reliability import ForwardCounter, row_reliability
 
     details: dict = {}
     t0 = time.perf_counter()
-    with _ForwardCounter(model) as counter:
+    with ForwardCounter(model) as counter:
         flags = evaluate_flags(model, x, y, cfg, progress=False, details=details)
     eval_s = time.perf_counter() - t0
     out = {"eval_s": round(eval_s, 3), "eval_forwards": counter.count}
