@@ -270,6 +270,8 @@ def row_reliability(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: d
         if "pgd" in flags and "autoattack" in flags:
             indicators["pgd_vs_autoattack"] = pgd_vs_autoattack(flags["pgd"] & clean, flags["autoattack"] & clean)
         block: dict[str, Any] = {"mode": mode, "n": len(x)}
+        if aa.get("warnings"):  # AutoAttack's own log lines, kept with the row instead of lost in a log
+            block["autoattack_warnings"] = aa["warnings"]
         skipped: dict[str, str] = {}
         if mode == "full":
             n_sub, why = subset_size(cfg, len(x), eval_forwards)

@@ -157,6 +157,9 @@ def test_autoattack_run_reports_its_per_attack_accuracies_and_the_row_checks_the
     _, rel = _evaluate(robust_mlp, (x[:40], y[:40]), autoattack_version="apgd-ce", reliability="quick")
     assert rel["indicators"]["pgd_vs_autoattack"]["verdict"] == "ok"
     assert "aa_n_classes" in rel["indicators"] and "aa_square" not in rel["indicators"]  # no Square in apgd-ce
+    softmax = nn.Sequential(robust_mlp, nn.Softmax(dim=1))
+    _, rel = _evaluate(softmax, (x[:40], y[:40]), autoattack_version="apgd-ce", reliability="quick")
+    assert any("probability distribution" in w for w in rel["autoattack_warnings"])  # AutoAttack's own, kept
 
 
 def test_default_subset_keeps_extra_attacks_within_a_quarter_of_the_evaluation():
