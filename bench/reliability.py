@@ -226,11 +226,19 @@ def full_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: t
 
 
 # ---------------------------------------------------------------------------------------- one row
+def quick_forwards(n: int) -> int:
+    """The quick indicators' sample-forwards on ``n`` samples: one input gradient each, and AutoAttack's
+    checks (5 forwards for the randomized check and 1 for the output range on up to CHECK_SAMPLES, 8 traced)."""
+    return n + 6 * min(n, CHECK_SAMPLES) + 8
+
+
 def subset_size(cfg, n: int, eval_forwards: int) -> tuple[int, str]:
-    """How many samples the full mode's extra attacks run on, and why."""
+    """How many samples the full mode's extra attacks run on, and why: ``reliability_n``, or as many as fit,
+    with the quick indicators, in COST_SHARE of the evaluation's sample-forwards."""
     if cfg.reliability_n is not None:
         return min(n, cfg.reliability_n), "reliability_n"
-    fit = int(COST_SHARE * eval_forwards / max(1, extra_forwards_per_sample(cfg)))
+    budget = COST_SHARE * eval_forwards - quick_forwards(n)
+    fit = max(0, int(budget / max(1, extra_forwards_per_sample(cfg))))
     return min(n, fit), f"{COST_SHARE:.0%} of the evaluation's cost"
 
 
