@@ -61,7 +61,7 @@ class Quantised(nn.Module):
 
 def _evaluate(model, data, **overrides):
     x, y = data
-    cfg = resolve_config("ft", {"eps": EPS, "eval_pgd_steps": 10, "autoattack_version": "off", "eval_batch_size": 200,
+    cfg = resolve_config("ft", {"allow_large_eps": True, "eps": EPS, "eval_pgd_steps": 10, "autoattack_version": "off", "eval_batch_size": 200,
                                 "reliability_n": 100, **overrides})
     return evaluate_with_reliability(model, x, y, cfg, n_classes=10, progress=False)
 
@@ -237,7 +237,7 @@ class _Episodes:
 def test_fewshot_rows_get_their_query_attacks_indicators(robust_mlp, digits8):
     from bench.fewshot import evaluate_fewshot
 
-    cfg = resolve_config("pmf", {"eps": EPS, "eval_pgd_steps": 10, "test_time_ft_steps": 0})
+    cfg = resolve_config("pmf", {"allow_large_eps": True, "eps": EPS, "eval_pgd_steps": 10, "test_time_ft_steps": 0})
     episodes = _Episodes(Quantised(robust_mlp), digits8[1])
     masked = evaluate_fewshot(episodes, episodes, 3, cfg, attack=True, progress=False)["reliability"]
     assert masked["verdict"] == "suspect" and masked["mode"] == "quick" and masked["n"] == 120
