@@ -27,7 +27,7 @@ SECTIONS = {
 def add_parser(sub) -> None:
     p = sub.add_parser("perf", help="run the performance benchmarks and print JSON")
     p.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run only these sections")
-    p.add_argument("--quick", action="store_true", help="short runs (about a minute a section)")
+    p.add_argument("--quick", action="store_true", help="short runs (docs/perf.md gives each section's time; minutes on a 2-core CPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.set_defaults(func=run, on_interrupt=_interrupted)
 

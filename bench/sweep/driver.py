@@ -165,24 +165,6 @@ def _dirname_creator(trial, points: list[dict] | None = None) -> str:
     return Path(trial_folder(config, trial.trial_id)).name
 
 
-def _param_space(spec) -> dict[str, Any]:
-    from ray import tune
-
-    space: dict[str, Any] = {
-        "method": tune.grid_search(spec.methods) if len(spec.methods) > 1 else spec.methods[0],
-        "seed": tune.grid_search(spec.seeds) if len(spec.seeds) > 1 else spec.seeds[0],
-    }
-    for key, (dist, args) in spec.space.items():
-        space[key] = {
-            "grid": lambda a: tune.grid_search(a),
-            "choice": lambda a: tune.choice(a),
-            "uniform": lambda a: tune.uniform(*a),
-            "loguniform": lambda a: tune.loguniform(*a),
-            "randint": lambda a: tune.randint(*a),
-        }[dist](args)
-    return space
-
-
 def _scheduler(spec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -280,9 +262,46 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     t_start = time.time()
     results = Path(results).resolve()
     data_root = resolve_data_root(data_root)
-    spec.with_absolute_paths()  # (done already by `bench sweep`; for callers of run_sweep)
+    storage_path, exists, plan = _prepare(spec, results, data_root, resume, storage)
+    _quiet_tune(verbose)
+    env = _trial_env()
+    if spec.gpus == 0:  # CPU trials (Ray hides the GPUs from them): DeepSpeed need not detect, and warn about, it
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    started = _init_ray(address, num_cpus, env)
+    import ray
+
+    try:
+        if spec.gpus > 0 and not ray.cluster_resources().get("GPU"):
+            print(f"bench sweep: the Ray cluster has no GPU; running with gpus=0 instead of {spec.gpus:g} per "
+                  f"{'worker' if spec.workers > 1 else 'trial'}", flush=True)
+            spec.gpus = 0.0
+        ctx = _sweep_context(spec, results, data_root, storage_path, node_local=storage is not None)
+        fit = _tune_runner(spec, ctx, storage_path, resume=resume, exists=exists, verbose=verbose, t_start=t_start)
+        if plan is None:
+            from bench.sweep.space import tune_param_space
+
+            print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
+                  flush=True)
+            grid = fit(spec.name, spec.n_trials(), param_space=tune_param_space(spec), scheduler=_scheduler(spec),
+                       search_alg=_searcher(spec), num_samples=spec.num_samples, time_budget_s=spec.time_budget_s)
+        else:
+            grid = _two_phases(spec, plan, ctx, results, fit, t_start)
+        if spec.merge_search:
+            _test_selected_merges(spec, results, ctx, grid)
+    finally:
+        if started:
+            ray.shutdown()
+    return _finish(spec, grid, results, t_start, leaderboard=leaderboard, wandb_log=wandb_log, verbose=verbose)
+
+
+def _prepare(spec, results: Path, data_root: Path, resume: bool, storage: str | None):
+    """Before Ray starts: every trial's inputs checked, the sweep's Tune runs found (for ``--resume``) or
+    refused (a new sweep into an old one), the plan of runs needed first, and ``sweep.json``. Returns
+    (Tune's storage path, {Tune run name: exists}, the plan or None)."""
+    from bench.sweep.phases import make_plan
     from bench.sweep.space import check_trial_inputs
 
+    spec.with_absolute_paths()  # (done already by `bench sweep`; for callers of run_sweep)
     check_trial_inputs(spec, data_root)  # what each trial's start checks, before Ray starts (as --check does)
     storage_path = _storage(results, storage)
     names = [spec.name, spec.name + FIRST_PHASE_SUFFIX]
@@ -292,12 +311,14 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
                          f"to continue it, or --results DIR / --storage for a new one")
     if resume and not any(exists.values()):
         raise ValueError(f"nothing to resume: {storage_path.rstrip('/')}/{spec.name} does not exist")
-    from bench.sweep.phases import make_plan
-
     plan = make_plan(spec, results, resume)  # None unless trials need runs first (AMT pools)
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(results / "sweep.json", _spec_record(spec, data_root))
+    return storage_path, exists, plan
 
+
+def _quiet_tune(verbose: int) -> None:
+    """Ray's and Tune's routine output off (ProgressLines says what a user follows); verbose=2 keeps Tune's."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Tune's own result.json stays out of RESULTS
     # Tune's new console output prints a configuration box and a results path at any verbosity; the legacy
@@ -306,10 +327,6 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
     # Noise a user does not need: Tune warns at every forced experiment snapshot (one per trial checkpoint
     # with num_to_keep=1: over 100 lines in a smoke run) and logs each result file it writes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    env = _trial_env()
-    if spec.gpus == 0:  # CPU trials (Ray hides the GPUs from them): DeepSpeed need not detect, and warn about, it
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    started = _init_ray(address, num_cpus, env)
     # Tune's own result.json/progress.csv are switched off (see above); its "could not fetch metrics" is noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if verbose < 2:
@@ -317,70 +334,72 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
         # its Ctrl-C notices ("Stop signal received", "resume with Tuner.restore(...)"): the CLI's one line
         # says what to do instead (SweepInterrupted)
         logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
-    import ray
+
+
+def _sweep_context(spec, results: Path, data_root: Path, storage_path: str, *, node_local: bool) -> dict[str, Any]:
+    """What every trial of the sweep is handed (``sweep_trial``'s ``ctx``): plain data."""
+    return {"results": str(results), "data_root": str(data_root), "name": spec.name,
+            "space_keys": sorted(spec.space), "metrics": {m: spec.metric_for(m) for m in spec.methods},
+            "spec_fixed": {m: spec.overrides(m, 0, {}, per_dataset=False) for m in spec.methods},
+            "per_dataset": {m: {d: spec.dataset_overrides(m, d) for d in spec.per_dataset} for m in spec.methods},
+            "workers": spec.workers, "cpus": spec.cpus, "gpus": spec.gpus,
+            "storage": storage_path, "node_local": node_local, "max_failures": spec.max_failures,
+            "merge_search": spec.merge_search}
+
+
+def _tune_runner(spec, ctx: dict, storage_path: str, *, resume: bool, exists: dict[str, bool], verbose: int,
+                 t_start: float):
+    """``fit(name, n_trials, points=None, **tune_config)``: one Tune run (restored when ``--resume`` finds it)
+    of ``sweep_trial`` with ``ctx``; ``points``: the planned trials it runs (bench.sweep.phases), else the
+    sweep's space (``param_space`` in ``tune_config``)."""
     from ray import tune
 
     from bench.sweep.callbacks import ProgressLines, ResultFileCallback
-    from bench.sweep.results import _leaderboard, _test_merge_selections, summarize, wait_for_result_files
+    from bench.sweep.phases import points_space
 
-    try:
-        if spec.gpus > 0 and not ray.cluster_resources().get("GPU"):
-            print(f"bench sweep: the Ray cluster has no GPU; running with gpus=0 instead of {spec.gpus:g} per "
-                  f"{'worker' if spec.workers > 1 else 'trial'}", flush=True)
-            spec.gpus = 0.0
-        ctx = {"results": str(results), "data_root": str(data_root), "name": spec.name,
-               "space_keys": sorted(spec.space), "metrics": {m: spec.metric_for(m) for m in spec.methods},
-               "spec_fixed": {m: spec.overrides(m, 0, {}, per_dataset=False) for m in spec.methods},
-               "per_dataset": {m: {d: spec.dataset_overrides(m, d) for d in spec.per_dataset} for m in spec.methods},
-               "workers": spec.workers, "cpus": spec.cpus, "gpus": spec.gpus,
-               "storage": storage_path, "node_local": storage is not None, "max_failures": spec.max_failures,
-               "merge_search": spec.merge_search}
-
-        from bench.sweep.phases import points_space
-
-        def fit(name: str, n_trials: int, points: list[dict] | None = None, **tune_config):
-            """One Tune run (restored when ``--resume`` finds it) of ``sweep_trial`` with ``ctx``; ``points``:
-            the planned trials it runs (bench.sweep.phases), else the sweep's space."""
-            trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), _trial_resources(spec))
-            if resume and exists[name]:
-                tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable=trainable,
-                                           resume_unfinished=True, resume_errored=True)
-            else:
-                from ray.tune import CheckpointConfig, FailureConfig, RunConfig
-
-                param_space = points_space(points) if points is not None else tune_config.pop("param_space")
-                namer = functools.partial(_dirname_creator, points=points)
-                tuner = tune.Tuner(
-                    trainable, param_space=param_space,
-                    tune_config=tune.TuneConfig(
-                        metric=OBJECTIVE, mode=spec.mode, max_concurrent_trials=spec.max_concurrent_trials,
-                        trial_dirname_creator=namer, trial_name_creator=namer, **tune_config),
-                    run_config=RunConfig(
-                        name=name, storage_path=storage_path, verbose=verbose if verbose >= 2 else 0,
-                        failure_config=FailureConfig(max_failures=spec.max_failures),
-                        checkpoint_config=CheckpointConfig(num_to_keep=1),
-                        callbacks=[ResultFileCallback(str(results), fetch=ctx["node_local"], storage=storage_path)]
-                        + ([ProgressLines(n_trials, t_start)] if verbose == 1 else [])))
-            return _fit_or_interrupt(tuner)
-
-        if plan is None:
-            print(f"bench sweep: {spec.name}: {spec.n_trials()} trials ({', '.join(spec.methods)}) -> {results}",
-                  flush=True)
-            grid = fit(spec.name, spec.n_trials(), param_space=_param_space(spec), scheduler=_scheduler(spec),
-                       search_alg=_searcher(spec), num_samples=spec.num_samples, time_budget_s=spec.time_budget_s)
+    def fit(name: str, n_trials: int, points: list[dict] | None = None, **tune_config):
+        trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), _trial_resources(spec))
+        if resume and exists[name]:
+            tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
         else:
-            grid = _two_phases(spec, plan, ctx, results, fit, t_start)
-        if spec.merge_search:
-            from bench.sweep.merge_search import SelectionError
+            from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 
-            try:  # the candidates' result.json first (see below), then select among them
-                wait_for_result_files(results, [Path(r.path).name for r in grid if r.path and not r.error])
-                _test_merge_selections(spec, results, ctx)
-            except SelectionError as exc:  # the candidates stay; the leaderboard says what is missing
-                print(f"bench sweep: {spec.name}: no test of a selected setting: {exc}", flush=True)
-    finally:
-        if started:
-            ray.shutdown()
+            param_space = points_space(points) if points is not None else tune_config.pop("param_space")
+            namer = functools.partial(_dirname_creator, points=points)
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=OBJECTIVE, mode=spec.mode, max_concurrent_trials=spec.max_concurrent_trials,
+                    trial_dirname_creator=namer, trial_name_creator=namer, **tune_config),
+                run_config=RunConfig(
+                    name=name, storage_path=storage_path, verbose=verbose if verbose >= 2 else 0,
+                    failure_config=FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=1),
+                    callbacks=[ResultFileCallback(ctx["results"], fetch=ctx["node_local"], storage=storage_path)]
+                    + ([ProgressLines(n_trials, t_start)] if verbose == 1 else [])))
+        return _fit_or_interrupt(tuner)
+
+    return fit
+
+
+def _test_selected_merges(spec, results: Path, ctx: dict, grid) -> None:
+    """A merge search's test of each selected setting, once the candidates' result.json are there."""
+    from bench.sweep.merge_search import SelectionError
+    from bench.sweep.results import _test_merge_selections, wait_for_result_files
+
+    try:  # the candidates' result.json first (see _finish), then select among them
+        wait_for_result_files(results, [Path(r.path).name for r in grid if r.path and not r.error])
+        _test_merge_selections(spec, results, ctx)
+    except SelectionError as exc:  # the candidates stay; the leaderboard says what is missing
+        print(f"bench sweep: {spec.name}: no test of a selected setting: {exc}", flush=True)
+
+
+def _finish(spec, grid, results: Path, t_start: float, *, leaderboard: bool, wandb_log: bool,
+            verbose: int) -> dict[str, Any]:
+    """After Tune: the trials' result.json awaited, the summary, the leaderboard and the W&B upload hint."""
+    from bench.sweep.results import _leaderboard, summarize, wait_for_result_files
+
     # Tune calls a trial finished when its last report arrives; the trial wrote result.json just before, but
     # on a multi-node cluster that file may become visible to this driver later (another node's write to a
     # shared disk, a trial still exiting): wait for them, so the summary and the console leaderboard see the

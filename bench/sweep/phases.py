@@ -54,12 +54,12 @@ def expand(spec) -> list[dict[str, Any]]:
     import numpy as np
     from ray.tune.search.variant_generator import generate_variants
 
-    from bench.sweep.driver import _param_space
+    from bench.sweep.space import tune_param_space
 
     rng = np.random.RandomState(spec.seeds[0])
     points = []
     for _ in range(spec.num_samples):
-        points.extend(variant for _, variant in generate_variants(_param_space(spec), random_state=rng))
+        points.extend(variant for _, variant in generate_variants(tune_param_space(spec), random_state=rng))
     return points
 
 

@@ -449,3 +449,23 @@ def _first(dist: str, args: list) -> Any:
     if dist == "loguniform":
         return math.sqrt(args[0] * args[1])
     return (args[0] + args[1]) / 2
+
+
+def tune_param_space(spec) -> dict[str, Any]:
+    """The sweep's search space as Ray Tune's ``param_space``: methods and seeds on a grid, each ``space``
+    entry as its Tune distribution."""
+    from ray import tune
+
+    space: dict[str, Any] = {
+        "method": tune.grid_search(spec.methods) if len(spec.methods) > 1 else spec.methods[0],
+        "seed": tune.grid_search(spec.seeds) if len(spec.seeds) > 1 else spec.seeds[0],
+    }
+    for key, (dist, args) in spec.space.items():
+        space[key] = {
+            "grid": lambda a: tune.grid_search(a),
+            "choice": lambda a: tune.choice(a),
+            "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a),
+        }[dist](args)
+    return space
