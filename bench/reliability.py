@@ -71,7 +71,7 @@ def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
         xb = x[i:i + batch_size].to(device).requires_grad_(True)
         loss = F.cross_entropy(model(xb), y[i:i + batch_size].to(device), reduction="sum")
         (g,) = torch.autograd.grad(loss, xb)
-        out.append(g.detach().cpu())
+        out.append(g.detach().cpu().contiguous())  # channels_last inputs: AutoAttack's check .view()s it
     return torch.cat(out)
 
 
