@@ -220,8 +220,12 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(shards_root, tmp_path):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "BENCH_DEBUG"):
         e.pop(k, None)
     t0 = time.time()
+    # SIGINT at its default in the child, as under a shell: an ignored SIGINT is inherited across exec, and an
+    # earlier in-process Ray/Tune test of the session can leave this pytest process ignoring it (in CI the
+    # child then ran all its epochs and exited 0)
     proc = subprocess.Popen([sys.executable, "-m", "bench", *args], env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline()
     assert first.startswith("bench run: ft on digits (tiny_cnn): loading") and time.time() - t0 < 60, first
     lines = []  # without a terminal, progress is plain lines, one per epoch
