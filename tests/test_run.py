@@ -249,7 +249,7 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(shards_root, tmp_path):
     assert re.search(rf"ft on digits: resuming from epoch \d+/{EPOCHS}", p.stdout), p.stdout
     assert [h["epoch"] for h in json.loads((out / "result.json").read_text())["history"]] == list(range(EPOCHS))
     assert sorted(f.name for f in (out / "checkpoints").iterdir()) == ["best.pt"]
-    assert "bench wandb-sync " in p.stdout
+    assert "bench wandb-sync " in p.stdout, p.stdout[-3000:]
 
 
 def test_unwritable_out_is_one_line_before_work(shards_root, tmp_path):

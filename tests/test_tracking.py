@@ -235,3 +235,19 @@ def test_wandb_sync_of_a_folder_without_runs_is_one_line(tmp_path, capsys):
     assert main(["wandb-sync", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no offline W&B runs under" in err[0]
+
+
+@pytest.mark.parametrize("token, kept", [
+    ("3-{other}-unix-/tmp/wandb-x/socket", False),  # inherited from a parent: its runs outlive a Ctrl-C here
+    ("3-{own}-unix-/tmp/wandb-x/socket", True),     # started by this process (a bench call made in-process)
+    ("", True),
+])
+def test_a_bench_process_owns_its_wandb_service(monkeypatch, token, kept):
+    import os
+
+    from bench.cli import _own_wandb_service
+
+    value = token.format(own=os.getpid(), other=os.getpid() + 1)
+    monkeypatch.setenv("WANDB_SERVICE", value)
+    _own_wandb_service()
+    assert os.environ.get("WANDB_SERVICE") == (value if kept else None)

@@ -28,7 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_wandb_service() -> None:
+    """Forget a W&B service inherited from the process that started this one (``WANDB_SERVICE`` names the
+    pid that owns it): runs in a borrowed service outlive this process, so after a Ctrl-C or a kill the
+    trial's run id stays claimed there and the resume's ``wandb.init`` fails with "run ID ... is in use"."""
+    token = os.environ.get("WANDB_SERVICE", "")
+    parts = token.split("-")
+    if token and not (len(parts) > 1 and parts[1] == str(os.getpid())):
+        os.environ.pop("WANDB_SERVICE", None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _own_wandb_service()
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     argv = list(sys.argv[1:] if argv is None else argv)
