@@ -9,6 +9,12 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_DIR ?= $(CURDIR)/results
 export WANDB_SILENT ?= true
 export RAY_USAGE_STATS_ENABLED := 0
+# bash with pipefail: a filtered pip still fails the target when pip fails
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# A machine's pip config may list index folders that lack some packages; pip then warns once per package and
+# folder ("Location ... is ignored"), noise that hides the lines that matter. Only those lines are dropped.
+PIP_NOISE := is ignored: it is neither a file nor a directory
 
 .PHONY: setup bench test test-fast shards clean browser gpu-check gpu-wheels
 
@@ -17,8 +23,8 @@ setup: $(STAMP)
 # The venv is rebuilt only when the lock or the project metadata changes.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q -r requirements.lock 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
 	touch $(STAMP)
 
 shards: setup
