@@ -379,7 +379,9 @@ class AMT(ProtoNetLoRA):
             if missing:
                 raise ValueError(f"pool member {adapter} does not fit this model: missing {missing[:3]}")
             self.check_residual(payload, adapter)
-            self.members.append({"eps": member.get("eps"), "adapter": str(adapter), "tensors": tensors})
+            # "adapter" as the manifest records it (relative to its folder): this node's path of a pool
+            # restored from Tune's storage would reach result.json's method_summary
+            self.members.append({"eps": member.get("eps"), "adapter": member["adapter"], "tensors": tensors})
         return self.members
 
     def _member_states(self, device) -> list[dict[str, torch.Tensor]]:

@@ -13,7 +13,10 @@ that share attack strengths need the same members, and ``bench`` trains each onc
 
 ``adapter`` and ``out_dir`` are relative to the manifest's folder: the pool keeps its own copy of each member
 trained outside it, so a pool folder can be moved whole, or restored on another node from Tune's storage.
-``trained_in`` (where the member ran, on the node that ran it) is a record only; nothing reads it.
+``trained_in`` (the member's run folder) is a record only; nothing reads it. It is relative to the manifest's
+folder too when both lie in one folder (a sweep's RESULTS, a ``bench run`` folder, or a node's copy of a
+sweep's folders fetched from Tune's storage: there the node-local path would name a folder that RESULTS never
+sees, while ``../_prerequisites/<run>`` holds in RESULTS as on the node), else absolute (a shared pool cache).
 """
 from __future__ import annotations
 
@@ -79,6 +82,12 @@ def _config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _trained_in(run_dir: Path, out_dir: Path) -> str:
+    if run_dir.is_relative_to(out_dir.parent):
+        return Path(os.path.relpath(run_dir, out_dir)).as_posix()
+    return str(run_dir)
+
+
 def write_manifest(cfg, finished: list[tuple[dict, Path]], out_dir: str | Path) -> Path:
     """``out_dir/pool.json`` over the finished members (``(result, run folder)`` in ``pool_eps_list`` order);
     a member trained outside ``out_dir`` is copied into ``out_dir/members/``. Returns the manifest's path."""
@@ -100,7 +109,8 @@ def write_manifest(cfg, finished: list[tuple[dict, Path]], out_dir: str | Path) 
                     _copy_atomic(run_dir / name, keep / name)
         members.append({"index": i, "eps": float(eps), "key": run_dir.name,
                         "adapter": str((keep / ADAPTER_FILE).relative_to(out_dir)),
-                        "out_dir": keep.relative_to(out_dir).as_posix(), "trained_in": str(run_dir), "result": _brief(result)})
+                        "out_dir": keep.relative_to(out_dir).as_posix(), "trained_in": _trained_in(run_dir, out_dir),
+                        "result": _brief(result)})
     manifest = {"format": POOL_FORMAT, "pool_size": len(members), "eps_units": "1/255",
                 "config_hash": _config_hash(cfg), "members": members}
     path = out_dir / "pool.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,70 @@ def test_a_selected_merge_setting_reads_the_pool_of_its_candidates_folder(tmp_pa
     cfg = test_config(selection)
     assert Path(cfg.pool_dir).resolve() == (tmp_path / "candidate").resolve()
     assert test_config({**selection, "trial_dir": None}).pool_dir == f"{RUN_DIR}/."
+
+
+@pytest.mark.slow  # a 3-node `ray start` cluster: 2 members, one killed with its node and resumed, then the merge
+def test_pool_member_killed_with_its_node_resumes_on_another_and_is_merged(tmp_path, shards_root,
+                                                                           ray_start_cluster):
+    """Nodes without a shared disk (each its own folder; Tune's --storage the only shared place): a pool
+    member's node is killed once the member's first epoch reached the storage; a new node joins, the member
+    resumes there from its checkpoint, and the merging trial gets the pool through the storage. Nothing in
+    RESULTS names a node's own folder."""
+    from bench.prerequisites import PREREQUISITES_DIR
+
+    EPOCHS = 6  # the member's epochs: the kill must land before its last
+    cluster = ray_start_cluster
+    cluster.start("head", 0, head=True)
+    first = cluster.start("worker1", 1)
+    fixed = {k: v for k, v in TINY_POOL.items() if k not in ("backbone", "dataset")} | {"epochs": EPOCHS}
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump({"name": "pool", "methods": ["amt"], "dataset": "digits", "backbone": "tiny_cnn",
+                                    "fixed": fixed, "max_concurrent_trials": 1, "max_failures": 3}))
+    res, storage = tmp_path / "res", tmp_path / "storage"
+    root = Path(__file__).resolve().parents[1]
+    proc = cluster.sweep([sys.executable, "-m", "bench", "sweep", str(path), "--results", str(res), "--storage",
+                          str(storage), "--address", cluster.address, "--no-leaderboard", "--data-root",
+                          str(shards_root)], cwd=root)
+
+    def member_epochs() -> dict[str, int]:
+        out = {}
+        for p in (res / PREREQUISITES_DIR).glob("*/history.json"):
+            try:
+                out[p.parent.name] = len(json.loads(p.read_text()))
+            except (OSError, json.JSONDecodeError):
+                pass
+        return out
+
+    cluster.wait_for(proc, lambda: any(n >= 1 for n in member_epochs().values()),
+                     "member epoch in the results folder (through the storage)")
+    killed = next(name for name, n in member_epochs().items() if n >= 1)
+    assert list(first.glob(f"session_*/artifacts/**/{killed}/history.json")), "the member ran elsewhere"
+    assert cluster.kill(first) > 0
+    second = cluster.start("worker2", 1)  # capacity comes back, as an autoscaler would bring it
+    assert proc.wait(timeout=600) == 0, cluster.output(proc)[-4000:]
+
+    member = res / PREREQUISITES_DIR / killed
+    r = json.loads((member / "result.json").read_text())
+    assert r["status"] == "ok" and [h["epoch"] for h in r["history"]] == list(range(EPOCHS))
+    attempts = [json.loads(line) for line in (member / "attempts.jsonl").read_text().splitlines()]
+    assert len(attempts) >= 2 and attempts[-1]["resumed"] and attempts[-1]["start_epoch"] >= 1, attempts
+    assert attempts[-1]["start_epoch"] < EPOCHS, attempts  # it trained on the new node, not only finished there
+    assert attempts[0]["node_id"] != attempts[-1]["node_id"]
+    assert list(second.glob(f"session_*/artifacts/**/{killed}/result.json"))  # finished on the new worker
+
+    ((trial, result),) = [(p.parent, json.loads(p.read_text())) for p in res.glob("*/result.json")
+                          if not p.parent.name.startswith("_")]
+    assert result["status"] == "ok" and result["config"]["pool_dir"] == f"{RUN_DIR}/."
+    assert 0 <= result["fewshot"]["adv_acc"] <= result["fewshot"]["clean_acc"] <= 1, result["fewshot"]
+    assert result["cost"]["pool"]["members"] == 2
+    pool = json.loads((trial / "pool.json").read_text())
+    assert all((trial / m["adapter"]).is_file() for m in pool["members"])
+    assert [m["result"]["history"] for m in pool["members"] if m["key"] == killed] == [r["history"]]
+    assert list(second.glob("session_*/artifacts/**/pool.json"))  # the merge ran on the new worker
+    assert [m["adapter"] for m in result["method_summary"]["pool"]] == [m["adapter"] for m in pool["members"]]
+    # no record of the suite names a node's own folder (they all lie under the cluster's root); W&B's own
+    # files (its logs, the worker's command line in its run metadata) are W&B's, not results
+    records = [f for f in res.rglob("*") if f.is_file() and "wandb" not in f.relative_to(res).parts]
+    assert any(f.name == "pool.json" for f in records) and any(f.name == "attempts.jsonl" for f in records)
+    for f in records:
+        assert str(cluster.root) not in f.read_text(errors="replace"), f

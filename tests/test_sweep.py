@@ -282,122 +282,36 @@ def test_kill_and_resume(tmp_path, shards_root):
     assert (res / "leaderboard.md").exists()
 
 
-class RayStartCluster:
-    """A cluster of ``ray start`` nodes on this machine, as a user starts one on several: every node has its
-    own temp dir (so its own session folder, logs and trial folders) and its own ports; token
-    authentication as Ray 2.60 enables it, with a token of the test's own (RAY_AUTH_TOKEN_PATH), never
-    ~/.ray/auth_token. Nodes are stopped by killing the processes that name their temp dir (never
-    ``ray stop``, which would stop every Ray on the machine)."""
-
-    def __init__(self):
-        import secrets
-        import tempfile
-
-        # short: a node's socket paths (TEMP/session_<date>_<pid>/sockets/...) must fit in 107 bytes
-        self.root = root = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
-        token = root / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        # what every node and the driver needs: token mode, and where the token is
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-                        RAY_USAGE_STATS_ENABLED="0")
-        self.env.pop("RAY_ADDRESS", None)
-        self.env.pop("PYTHONPATH", None)  # the code reaches the workers through the runtime_env, not this
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.nodes: list[Path] = []
-
-    def _ports(self) -> list[str]:
-        names = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
-                 "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port")
-        out = [a for name in names for a in (name, str(_free_port()))]
-        low = 20000 + (os.getpid() * 37 + len(self.nodes) * 211) % 30000
-        return out + ["--min-worker-port", str(low), "--max-worker-port", str(low + 200)]
-
-    def start(self, name: str, num_cpus: int, head: bool = False) -> Path:
-        temp = self.root / name
-        ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--temp-dir", str(temp), "--num-cpus",
-               str(num_cpus), "--disable-usage-stats", *self._ports()]
-        if head:
-            ray += ["--head", "--port", str(self.port), "--include-dashboard", "false",
-                    "--dashboard-port", str(_free_port())]
-        else:
-            ray += ["--address", self.address]
-        self.nodes.append(temp)
-        out = subprocess.run(ray, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        return temp
-
-    def kill(self, temp: Path, sig=signal.SIGKILL) -> int:
-        import psutil
-
-        n = 0
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if any(str(temp) in part for part in proc.info["cmdline"] or []):
-                    proc.send_signal(sig)
-                    n += 1
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return n
-
-    def shutdown(self) -> None:
-        import shutil
-
-        for temp in reversed(self.nodes):
-            self.kill(temp)
-        time.sleep(1)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    from bench.engine import free_port
-
-    return free_port()
-
-
 @pytest.mark.slow
-def test_ray_start_cluster_without_shared_disk_and_node_loss(tmp_path, shards_root):
+def test_ray_start_cluster_without_shared_disk_and_node_loss(tmp_path, shards_root, ray_start_cluster):
     """A head (no CPUs) and a worker started with ``ray start``; the sweep's trial runs on the worker in a
     folder of that node and reaches --results only through Tune's storage (--storage). The worker is
     killed after the trial's first epoch; a new worker joins, and the trial finishes there from its
     checkpoint in the storage."""
     EPOCHS = 20
-    cluster = RayStartCluster()
-    try:
-        cluster.start("head", 0, head=True)
-        first = cluster.start("worker1", 1)
-        # 20 short epochs: on an idle machine 4 of them ended before the kill below took effect (CI, 2-core VM)
-        path = write_sweep(tmp_path, "nodes", fixed={"epochs": EPOCHS}, max_failures=3)
-        res, storage = tmp_path / "res", tmp_path / "storage"
-        proc = subprocess.Popen(sweep_cmd(path, "--results", res, "--storage", storage, "--address",
-                                          cluster.address, "--no-leaderboard", "--data-root", shards_root),
-                                cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:  # an epoch's files arrived through the storage
-            hist = [json.loads(p.read_text()) for p in res.glob("*/history.json")]
-            if hist and len(hist[0]) >= 1:
-                break
-            time.sleep(0.5)
-        else:
-            proc.kill()
-            pytest.fail("no epoch reached the results folder: " + (proc.stdout.read() or "")[-3000:])
-        local = list(first.glob("session_*/artifacts/**/history.json"))
-        assert local, "the trial did not run in the worker's own folder"
-        assert cluster.kill(first) > 0
-        second = cluster.start("worker2", 1)  # capacity comes back, as an autoscaler would bring it
-        out, _ = proc.communicate(timeout=420)
-        assert proc.returncode == 0, out[-4000:]
-        ((name, r),) = results_of(res).items()
-        assert r["status"] == "ok" and [h["epoch"] for h in r["history"]] == list(range(EPOCHS))
-        # the finished trial's folder, fetched through the storage, as the trial left it (keep_checkpoints: none)
-        assert (res / name / "checkpoints" / "best.pt").is_file() and not (res / name / "checkpoints" / "latest").exists()
-        attempts = [json.loads(line) for line in (res / name / "attempts.jsonl").read_text().splitlines()]
-        assert len(attempts) >= 2 and attempts[-1]["start_epoch"] >= 1, attempts  # resumed, not restarted
-        assert attempts[0]["node_id"] != attempts[-1]["node_id"]
-        assert list(second.glob("session_*/artifacts/**/result.json"))  # finished on the new worker
-    finally:
-        cluster.shutdown()
+    cluster = ray_start_cluster
+    cluster.start("head", 0, head=True)
+    first = cluster.start("worker1", 1)
+    # 20 short epochs: on an idle machine 4 of them ended before the kill below took effect (CI, 2-core VM)
+    path = write_sweep(tmp_path, "nodes", fixed={"epochs": EPOCHS}, max_failures=3)
+    res, storage = tmp_path / "res", tmp_path / "storage"
+    proc = cluster.sweep(sweep_cmd(path, "--results", res, "--storage", storage, "--address", cluster.address,
+                                   "--no-leaderboard", "--data-root", shards_root), cwd=ROOT)
+    cluster.wait_for(proc, lambda: any(len(json.loads(p.read_text())) >= 1 for p in res.glob("*/history.json")),
+                     "an epoch's files in the results folder (through the storage)")
+    local = list(first.glob("session_*/artifacts/**/history.json"))
+    assert local, "the trial did not run in the worker's own folder"
+    assert cluster.kill(first) > 0
+    second = cluster.start("worker2", 1)  # capacity comes back, as an autoscaler would bring it
+    assert proc.wait(timeout=420) == 0, cluster.output(proc)[-4000:]
+    ((name, r),) = results_of(res).items()
+    assert r["status"] == "ok" and [h["epoch"] for h in r["history"]] == list(range(EPOCHS))
+    # the finished trial's folder, fetched through the storage, as the trial left it (keep_checkpoints: none)
+    assert (res / name / "checkpoints" / "best.pt").is_file() and not (res / name / "checkpoints" / "latest").exists()
+    attempts = [json.loads(line) for line in (res / name / "attempts.jsonl").read_text().splitlines()]
+    assert len(attempts) >= 2 and attempts[-1]["start_epoch"] >= 1, attempts  # resumed, not restarted
+    assert attempts[0]["node_id"] != attempts[-1]["node_id"]
+    assert list(second.glob("session_*/artifacts/**/result.json"))  # finished on the new worker
 
 
 @pytest.fixture(scope="module")
@@ -479,7 +393,7 @@ def test_amt_sweep_trains_members_once_in_a_first_phase_and_resumes(tmp_path, sh
         assert [m["eps"] for m in pool["members"]] == [0.01, 8.0]
         assert all((res / name / m["adapter"]).is_file() for m in pool["members"])  # the pool's own copies
         assert (res / name / "pool.json").stat().st_mtime >= max(e for _, e in spans)  # merged after training
-        assert sorted(m["trained_in"] for m in pool["members"]) == sorted(str(m) for m in members)
+        assert sorted((res / name / m["trained_in"]).resolve() for m in pool["members"]) == [m.resolve() for m in members]
     records, problems = load_results(res)
     assert len(records) == 2 and not problems, problems  # members are not leaderboard entries
     tune_dirs = sorted(p.name for p in (res / "_tune" / "pool").iterdir() if p.is_dir())
