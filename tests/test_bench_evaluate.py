@@ -164,6 +164,44 @@ def test_killed_shard_resumes_to_the_same_flags(ray_2cpu, tmp_path):
     assert len((ctl / "batches.log").read_text().splitlines()) == batches_uninterrupted
 
 
+def test_sharded_reliability_equals_one_process(ray_2cpu, tmp_path):
+    """The shards' merged reliability inputs (PGD loss, AutoAttack's accuracy after each attack, its
+    warnings) are one process's, so the row's reliability block from 2 shards equals an unsharded one:
+    verdicts and every indicator's value, the extra attacks' budget curve included."""
+    from bench.reliability import evaluate_with_reliability, row_reliability
+
+    model, x, y = _tiny_setup(7)  # 7 samples in batches of 2: shards of 4 and 3, accuracies not k/2^m
+    cfg = _cfg("apgd-ce")
+    cfg.reliability_n = 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a shard (one CPU each)
+    try:
+        reference_details: dict = {}
+        evaluate_flags(model, x, y, cfg, progress=False, details=reference_details)
+        _, reference = evaluate_with_reliability(model, x, y, cfg, n_classes=10, progress=False)
+        details: dict = {}
+        flags, report = sharded_flags(ModelRecipe(kind="backbone", backbone="tiny_cnn", image_size=8),
+                                      model.state_dict(), x, y, cfg, shards=2, work_dir=tmp_path / "k2",
+                                      progress=False, details=details)
+        assert report["shards"] == 2
+        sharded = row_reliability(model, x, y, flags, details, cfg, n_classes=10,
+                                  eval_forwards=report["eval_forwards"])
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < int(flags["autoattack"].sum()) < 7, "the test needs some samples broken and some robust"
+    assert torch.equal(details["pgd_loss"], reference_details["pgd_loss"])
+    assert details["autoattack"]["accuracy"] == reference_details["autoattack"]["accuracy"]  # exact floats
+    assert list(details["autoattack"]["accuracy"]) == ["clean", "apgd-ce"]
+    # forwards: one process's plus the second shard's one-sample class-count probe
+    assert report["eval_forwards"] == reference["eval_forwards"] + 1
+    assert sharded["verdict"] == reference["verdict"] and sharded["fired"] == reference["fired"]
+    assert sharded["subset_n"] == reference["subset_n"] == 5
+    assert sharded["curve"] == reference["curve"]
+    assert sharded["indicators"] == reference["indicators"]
+    assert {"steps_convergence", "restarts_convergence", "budget_unbounded", "incomplete_optimisation",
+            "pgd_vs_autoattack", "aa_zero_gradients"} <= set(sharded["indicators"])
+
+
 @pytest.mark.slow
 def test_bench_evaluate_of_a_trial_and_a_backbone_rank_in_the_leaderboard(ray_2cpu, tmp_path, shards_root):
     """A tiny rft trial (its own AutoAttack in its process), then ``bench evaluate RUN_DIR --shards 2`` of its
