@@ -62,6 +62,8 @@ class _InProcess:
     def remote(*args, **kw):
         import ray
 
+        # a task's ObjectRef arguments (the weights) reach it as their values: resolve them as Ray would
+        args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
         return ray.put(evaluate_shard(*args, **kw))
 
 
