@@ -253,10 +253,12 @@ def sharded_flags(recipe, state: dict[str, torch.Tensor], x: torch.Tensor, y: to
 def _outside_the_trial(cpus_per_shard: float, gpus_per_shard: float) -> tuple[str | None, str | None]:
     """Where the shard tasks go: (Ray scheduling strategy, None), or (None, why) when no shard can ever run
     beside this process. Inside a Tune trial (a placement group) Ray puts the trial's tasks in the trial's
-    own bundle by default, whose CPUs the trial's actor holds while it waits for them: the shards would wait
-    forever (seen on a 2-CPU local Ray). So they leave the trial's group ("DEFAULT") and take the cluster's
-    free CPUs and GPUs, as a shard of ``bench evaluate`` does. A cluster without a shard's CPUs or GPUs
-    beside the trial's bundle at all would hang too: the caller then runs the shards in its own process."""
+    own bundle by default, whose CPUs the trial's actor holds while it waits for them: the shards could never
+    start (on a 2-CPU local Ray, Tune fails the trial with "No trial resources are available for launching
+    the task"; an actor in a bare placement group waits forever). So they leave the trial's group
+    ("DEFAULT") and take the cluster's free CPUs and GPUs, as a shard of ``bench evaluate`` does. A cluster
+    without a shard's CPUs or GPUs beside the trial's bundle at all would hang too: the caller then runs the
+    shards in its own process."""
     import ray
     from ray.util import get_current_placement_group
 

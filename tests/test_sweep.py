@@ -620,10 +620,10 @@ def _robust_flags(trial_dir: Path) -> list[bool]:
 
 def test_sweep_trial_hands_its_autoattack_to_shards(tmp_path, shards_root, ray_2cpu):
     """``eval_shards: 2`` in a sweep file: the Tune trial (1 of the 2 CPUs) submits its evaluation as 2 Ray
-    tasks, which take the free CPU outside the trial's placement group (inside it they waited forever for
-    the trial's own CPU), and its result.json carries the sharded evaluation and a reliability block equal
-    to that of the same trial in a sweep with eval_shards: 1, per-sample AutoAttack flags included; so is the
-    block ``bench evaluate --shards 2`` writes for the latter's weights."""
+    tasks, which take the free CPU outside the trial's placement group (inside it they could never start:
+    the trial holds its CPU, and Tune failed it). Its result.json carries the sharded evaluation and a
+    reliability block equal to that of the same trial in a sweep with eval_shards: 1 (per-sample AutoAttack
+    flags too); so is the block ``bench evaluate --shards 2`` writes for the latter's weights."""
     from bench.sweep.driver import run_sweep
     from bench.sweep.space import load_sweep
 
