@@ -203,15 +203,17 @@ def test_shards_of_a_trial_in_a_placement_group_never_wait_for_its_cpus(ray_2cpu
     assert (trial_pid in shard_pids) == (trial_cpus == 2), (shard_pids, trial_pid)
 
 
-def test_sharded_reliability_equals_one_process(ray_2cpu, tmp_path):
+# standard (26 s at load 5): Square's check compares the whole run's accuracy after each attack, merged
+@pytest.mark.parametrize("version,n", [("apgd-ce", 7), ("standard", 5)])
+def test_sharded_reliability_equals_one_process(ray_2cpu, tmp_path, version, n):
     """The shards' merged reliability inputs (PGD loss, AutoAttack's accuracy after each attack, its
     warnings) are one process's, so the row's reliability block from 2 shards equals an unsharded one:
     verdicts and every indicator's value, the extra attacks' budget curve included."""
     from bench.reliability import evaluate_with_reliability, row_reliability
 
-    model, x, y = _tiny_setup(7)  # 7 samples in batches of 2: shards of 4 and 3, accuracies not k/2^m
-    cfg = _cfg("apgd-ce")
-    cfg.reliability_n = 5
+    model, x, y = _tiny_setup(n)  # odd n in batches of 2: shards of unequal size, accuracies not k/2^m
+    cfg = _cfg(version)
+    cfg.reliability_n = n - 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a shard (one CPU each)
     try:
@@ -227,18 +229,20 @@ def test_sharded_reliability_equals_one_process(ray_2cpu, tmp_path):
                                   eval_forwards=report["eval_forwards"])
     finally:
         torch.set_num_threads(threads)
-    assert 0 < int(flags["autoattack"].sum()) < 7, "the test needs some samples broken and some robust"
+    assert 0 < int(flags["autoattack"].sum()) < n, "the test needs some samples broken and some robust"
     assert torch.equal(details["pgd_loss"], reference_details["pgd_loss"])
     assert details["autoattack"]["accuracy"] == reference_details["autoattack"]["accuracy"]  # exact floats
-    assert list(details["autoattack"]["accuracy"]) == ["clean", "apgd-ce"]
+    attacks = {"apgd-ce": ["apgd-ce"], "standard": ["apgd-ce", "apgd-t", "fab-t", "square"]}[version]
+    assert list(details["autoattack"]["accuracy"]) == ["clean", *attacks]
     # forwards: one process's plus the second shard's one-sample class-count probe
     assert report["eval_forwards"] == reference["eval_forwards"] + 1
     assert sharded["verdict"] == reference["verdict"] and sharded["fired"] == reference["fired"]
-    assert sharded["subset_n"] == reference["subset_n"] == 5
+    assert sharded["subset_n"] == reference["subset_n"] == n - 2
     assert sharded["curve"] == reference["curve"]
     assert sharded["indicators"] == reference["indicators"]
     assert {"steps_convergence", "restarts_convergence", "budget_unbounded", "incomplete_optimisation",
             "pgd_vs_autoattack", "aa_zero_gradients"} <= set(sharded["indicators"])
+    assert ("aa_square" in sharded["indicators"]) == (version == "standard")
 
 
 @pytest.mark.slow
