@@ -123,8 +123,8 @@ class SupervisedTask:
         cfg = self.cfg
         x, y = load_split(self.ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size,
                           transform=cfg.transform)
-        if cfg.eval_shards > 1:  # the reliability indicators need the whole evaluation in one process
-            return {"metrics": self._sharded_metrics(method, x, y, progress=progress, state_dir=state_dir)}
+        if cfg.eval_shards > 1:
+            return self._sharded_evaluation(method, x, y, progress=progress, state_dir=state_dir)
         # a killed evaluation resumes (state_dir); the reliability indicators read the same flags
         flags, reliability = evaluate_with_reliability(method.eval_model(), x, y, cfg, n_classes=self.num_classes,
                                                        device=self.device, progress=progress, state_dir=state_dir)
@@ -133,11 +133,13 @@ class SupervisedTask:
             out["reliability"] = reliability
         return out
 
-    def _sharded_metrics(self, method: Method, x, y, *, progress: bool, state_dir: Path) -> dict[str, Any]:
+    def _sharded_evaluation(self, method: Method, x, y, *, progress: bool, state_dir: Path) -> dict[str, Any]:
         """The test evaluation as ``eval_shards`` Ray tasks (the flags one process gives; each shard resumes
-        from its folder under ``state_dir/eval_shards``)."""
+        from its folder under ``state_dir/eval_shards``), and the row's reliability block: computed here, on
+        the merged flags and the shards' merged PGD loss and AutoAttack accuracies, by the code and on the
+        model an unsharded evaluation uses (its extra attacks run in this process, on ``reliability_n``)."""
         from bench.eval_target import ModelRecipe
-        from bench.evaluate import metrics_from_flags
+        from bench.reliability import row_reliability
         from bench.sharded_eval import sharded_flags
         from data_shards.transforms import output_size
 
@@ -145,14 +147,20 @@ class SupervisedTask:
         recipe = ModelRecipe(kind="method", backbone=cfg.backbone, num_classes=self.num_classes,
                              image_size=output_size(cfg.transform, self.manifest, cfg.image_size)[0],
                              config=cfg.to_dict(), method_state=method.state_dict())
+        details: dict | None = {} if cfg.reliability != "off" else None
         flags, report = sharded_flags(recipe, method.eval_model().state_dict(), x, y, cfg, shards=cfg.eval_shards,
                                       work_dir=Path(state_dir) / "eval_shards", gpus_per_shard=cfg.eval_shard_gpus,
-                                      progress=progress)
+                                      progress=progress, details=details)
         metrics = metrics_from_flags(flags, cfg)
         # per-shard costs: state_dir/eval_shards/shards.json
         metrics["evaluated_by"] = {"command": "trial", "shards": report["shards"], "wall_s": report["wall_s"],
                                    "overhead_s": report["overhead_s"]}
-        return metrics
+        out = {"metrics": metrics}
+        if details is not None:
+            out["reliability"] = row_reliability(method.eval_model(), x, y, flags, details, cfg,
+                                                 n_classes=self.num_classes, eval_forwards=report["eval_forwards"],
+                                                 device=self.device)
+        return out
 
 
 class EpisodicTask:

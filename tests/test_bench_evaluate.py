@@ -1,6 +1,8 @@
 """``bench evaluate`` and the sharded evaluation: shards give one process's flags (apgd-ce and standard), a
 shard whose worker is SIGKILLed resumes to the same flags without redoing finished batches, and a trial's own
-AutoAttack agrees with ``bench evaluate`` of its weights; both kinds of result.json rank in the leaderboard."""
+AutoAttack agrees with ``bench evaluate`` of its weights; both kinds of result.json rank in the leaderboard;
+the shards' merged reliability inputs give one process's reliability block; shards of a trial in a placement
+group never wait for the CPUs the trial holds."""
 from __future__ import annotations
 
 import json
@@ -164,6 +166,85 @@ def test_killed_shard_resumes_to_the_same_flags(ray_2cpu, tmp_path):
     assert len((ctl / "batches.log").read_text().splitlines()) == batches_uninterrupted
 
 
+class _TrialLike:
+    """A Ray actor in a placement group that captures its child tasks, as a Tune trial is: it runs a
+    sharded evaluation and says which processes its shards ran in."""
+
+    def evaluate(self, work_dir: str):
+        model, x, y = _tiny_setup(8)
+        torch.set_num_threads(1)
+        flags, _ = sharded_flags(ModelRecipe(kind="backbone", backbone="tiny_cnn", image_size=8), model.state_dict(),
+                                 x, y, _cfg("apgd-ce"), shards=2, work_dir=work_dir, progress=False)
+        pids = {json.loads(line)["pid"] for f in Path(work_dir).glob("samples-*/" + ATTEMPTS)
+                for line in f.read_text().splitlines()}
+        return flags["autoattack"].tolist(), pids, os.getpid()
+
+
+@pytest.mark.parametrize("trial_cpus", [1, 2])
+def test_shards_of_a_trial_in_a_placement_group_never_wait_for_its_cpus(ray_2cpu, tmp_path, trial_cpus):
+    """Ray puts a trial's tasks in the trial's own bundle, whose CPU the trial holds: its shards leave the
+    group and take the free CPU (trial with 1 of 2 CPUs), or, with no CPU beside the trial (2 of 2), run in
+    the trial's process; the same flags either way."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    model, x, y = _tiny_setup(8)
+    reference = _one_thread_flags(model, x, y, _cfg("apgd-ce"))["autoattack"].tolist()
+    pg = placement_group([{"CPU": trial_cpus}])
+    ray.get(pg.ready(), timeout=60)
+    try:
+        in_group = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)  # as Tune's
+        trial = ray.remote(_TrialLike).options(num_cpus=trial_cpus, scheduling_strategy=in_group).remote()
+        flags, shard_pids, trial_pid = ray.get(trial.evaluate.remote(str(tmp_path / "k2")), timeout=300)
+    finally:
+        remove_placement_group(pg)
+    assert flags == reference
+    assert (trial_pid in shard_pids) == (trial_cpus == 2), (shard_pids, trial_pid)
+
+
+# standard (26 s at load 5): Square's check compares the whole run's accuracy after each attack, merged
+@pytest.mark.parametrize("version,n", [("apgd-ce", 7), ("standard", 5)])
+def test_sharded_reliability_equals_one_process(ray_2cpu, tmp_path, version, n):
+    """The shards' merged reliability inputs (PGD loss, AutoAttack's accuracy after each attack, its
+    warnings) are one process's, so the row's reliability block from 2 shards equals an unsharded one:
+    verdicts and every indicator's value, the extra attacks' budget curve included."""
+    from bench.reliability import evaluate_with_reliability, row_reliability
+
+    model, x, y = _tiny_setup(n)  # odd n in batches of 2: shards of unequal size, accuracies not k/2^m
+    cfg = _cfg(version)
+    cfg.reliability_n = n - 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a shard (one CPU each)
+    try:
+        reference_details: dict = {}
+        evaluate_flags(model, x, y, cfg, progress=False, details=reference_details)
+        _, reference = evaluate_with_reliability(model, x, y, cfg, n_classes=10, progress=False)
+        details: dict = {}
+        flags, report = sharded_flags(ModelRecipe(kind="backbone", backbone="tiny_cnn", image_size=8),
+                                      model.state_dict(), x, y, cfg, shards=2, work_dir=tmp_path / "k2",
+                                      progress=False, details=details)
+        assert report["shards"] == 2
+        sharded = row_reliability(model, x, y, flags, details, cfg, n_classes=10,
+                                  eval_forwards=report["eval_forwards"])
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < int(flags["autoattack"].sum()) < n, "the test needs some samples broken and some robust"
+    assert torch.equal(details["pgd_loss"], reference_details["pgd_loss"])
+    assert details["autoattack"]["accuracy"] == reference_details["autoattack"]["accuracy"]  # exact floats
+    attacks = {"apgd-ce": ["apgd-ce"], "standard": ["apgd-ce", "apgd-t", "fab-t", "square"]}[version]
+    assert list(details["autoattack"]["accuracy"]) == ["clean", *attacks]
+    # forwards: one process's plus the second shard's one-sample class-count probe
+    assert report["eval_forwards"] == reference["eval_forwards"] + 1
+    assert sharded["verdict"] == reference["verdict"] and sharded["fired"] == reference["fired"]
+    assert sharded["subset_n"] == reference["subset_n"] == n - 2
+    assert sharded["curve"] == reference["curve"]
+    assert sharded["indicators"] == reference["indicators"]
+    assert {"steps_convergence", "restarts_convergence", "budget_unbounded", "incomplete_optimisation",
+            "pgd_vs_autoattack", "aa_zero_gradients"} <= set(sharded["indicators"])
+    assert ("aa_square" in sharded["indicators"]) == (version == "standard")
+
+
 @pytest.mark.slow
 def test_bench_evaluate_of_a_trial_and_a_backbone_rank_in_the_leaderboard(ray_2cpu, tmp_path, shards_root):
     """A tiny rft trial (its own AutoAttack in its process), then ``bench evaluate RUN_DIR --shards 2`` of its
@@ -198,6 +279,9 @@ def test_bench_evaluate_of_a_trial_and_a_backbone_rank_in_the_leaderboard(ray_2c
     assert trained["metrics"]["clean_acc"] > 0, "the comparison needs samples right clean"
     assert by["command"] == "bench evaluate" and by["shards"] == 2 and by["n_eval"] == 16
     assert result["metrics_history"] == [trained["metrics"]]
+    # the sharded re-evaluation's reliability block is the trial's (the same weights and flags)
+    assert result["reliability"]["verdict"] == trained["reliability"]["verdict"]
+    assert result["reliability"]["indicators"] == trained["reliability"]["indicators"]
     assert len(result["cost"]["evaluate"]["per_shard"]) == 2
 
     backbone_dir = tmp_path / "runs" / "backbone"
@@ -207,6 +291,7 @@ def test_bench_evaluate_of_a_trial_and_a_backbone_rank_in_the_leaderboard(ray_2c
     row = json.loads((backbone_dir / "result.json").read_text())
     assert row["method"] == "backbone" and row["status"] == "ok" and row["metrics"]["n_eval"] == 12
     assert 0 <= row["metrics"]["robust_acc"] <= row["metrics"]["clean_acc"] <= 1
+    assert row["reliability"]["verdict"] in ("ok", "suspect") and row["reliability"]["n"] == 12
 
     from bench.report.results import load_results
 

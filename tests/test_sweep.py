@@ -1,6 +1,6 @@
 """Ray Tune sweeps: schema validation, ASHA, resume after a kill, error trials, a 2-node ``ray start``
-cluster without a shared results folder that loses a node, and a 2-worker DeepSpeed ZeRO-2 trial
-(TorchTrainer inside Tune) against a 1-worker one.
+cluster without a shared results folder that loses a node, a 2-worker DeepSpeed ZeRO-2 trial
+(TorchTrainer inside Tune) against a 1-worker one, and a trial whose evaluation runs as 2 Ray tasks.
 
 Local Ray with at most 2 CPUs; backbone tiny_cnn and the rft/ft baselines with tiny budgets.
 """
@@ -519,3 +519,55 @@ def test_ctrl_c_ends_a_sweep_with_one_line_and_the_resume_command(tmp_path, shar
     assert len(said) == 1 and said[0].startswith("bench sweep: interrupted;"), err
     assert "Traceback" not in out + err
     assert said[0].endswith(f"--results {shlex.quote(str(res))} --num-cpus 2 --no-leaderboard --resume")
+
+
+def _robust_flags(trial_dir: Path) -> list[bool]:
+    """A trial's per-sample AutoAttack flags: its own state, or its shards' states in index order."""
+    own = trial_dir / "autoattack_state.json"
+    if own.exists():
+        return json.loads(own.read_text())["robust"]
+    flags: list[bool] = []
+    for shard in sorted((trial_dir / "eval_shards").glob("samples-*")):
+        flags += json.loads((shard / "autoattack_state.json").read_text())["robust"]
+    return flags
+
+
+def test_sweep_trial_hands_its_autoattack_to_shards(tmp_path, shards_root, ray_2cpu):
+    """``eval_shards: 2`` in a sweep file: the Tune trial (1 of the 2 CPUs) submits its evaluation as 2 Ray
+    tasks, which take the free CPU outside the trial's placement group (inside it they could never start:
+    the trial holds its CPU, and Tune failed it). Its result.json carries the sharded evaluation and a
+    reliability block equal to that of the same trial in a sweep with eval_shards: 1 (per-sample AutoAttack
+    flags too); so is the block ``bench evaluate --shards 2`` writes for the latter's weights."""
+    from bench.sweep.driver import run_sweep
+    from bench.sweep.space import load_sweep
+
+    rows, dirs = {}, {}
+    for shards in (2, 1):
+        fixed = {"epochs": 1, "eval_shards": shards, "autoattack_version": "apgd-ce", "n_eval": 24,
+                 "eval_batch_size": 8, "eps": "2/255", "reliability_n": 8}
+        res = tmp_path / f"k{shards}"
+        summary = run_sweep(load_sweep(write_sweep(tmp_path, f"k{shards}", fixed=fixed)), res,
+                            data_root=shards_root, leaderboard=False, verbose=0)
+        assert summary["n_ok"] == 1, summary
+        (name, row), = results_of(res).items()
+        rows[shards], dirs[shards] = (row, _robust_flags(res / name)), res / name
+    (sharded, sharded_robust), (single, single_robust) = rows[2], rows[1]
+    by = sharded["metrics"]["evaluated_by"]
+    assert by["command"] == "trial" and by["shards"] == 2 and "evaluated_by" not in single["metrics"]
+    assert sharded["config_hash"] == single["config_hash"]
+    assert len(sharded_robust) == 24 and sharded_robust == single_robust
+    assert 0 < sum(sharded_robust) < 24, "the comparison needs samples broken and robust"
+    for key in ("clean_acc", "pgd_acc", "autoattack_acc", "robust_acc"):
+        assert sharded["metrics"][key] == single["metrics"][key], key
+    rel, ref = sharded["reliability"], single["reliability"]
+    assert rel["verdict"] == ref["verdict"] and rel["fired"] == ref["fired"] and rel["subset_n"] == 8
+    assert rel["indicators"] == ref["indicators"] and rel["curve"] == ref["curve"]
+
+    # bench evaluate --shards 2 of the unsharded trial's weights writes the same block
+    from bench.cli import main
+
+    assert main(["evaluate", str(dirs[1]), "--shards", "2", "--data-root", str(shards_root), "--no-progress"]) == 0
+    again = json.loads((dirs[1] / "result.json").read_text())
+    assert again["metrics"]["evaluated_by"]["shards"] == 2
+    assert again["metrics"]["robust_acc"] == single["metrics"]["robust_acc"]
+    assert again["reliability"]["indicators"] == ref["indicators"] and again["reliability"]["curve"] == ref["curve"]

@@ -126,13 +126,15 @@ def _evaluate_trial(args) -> int:
                          config=trained.to_dict(), method_state=method_state)
     recipe.build_with(state)  # weights that do not fit the rebuilt network: an error before any work
     print(f"evaluating {source}")
-    metrics, cost = _evaluate(args, recipe, state, ds_dir, cfg, run_dir / "eval_shards")
+    metrics, cost, reliability = _evaluate(args, recipe, state, ds_dir, cfg, run_dir / "eval_shards")
     metrics["evaluated_by"]["weights"] = source
     previous = result.get("metrics") or {}
     result["metrics"] = {**previous, **metrics}  # what was not recomputed stays
     if previous:
         result.setdefault("metrics_history", []).append(previous)
     result.setdefault("cost", {})["evaluate"] = cost
+    if reliability is not None:  # the indicators of the metrics just written (the old ones went with them)
+        result["reliability"] = reliability
     atomic_write_json(result_path, result)
     _show(result, result_path)
     return 0
@@ -169,7 +171,7 @@ def _evaluate_backbone(args) -> int:
     out = args.out or Path("runs") / f"{BACKBONE_METHOD}-{cfg.backbone.split('@')[0]}-{cfg.dataset}-" \
                                      f"{config_hash(cfg)}-s{cfg.seed}"
     t0 = time.time()
-    metrics, cost = _evaluate(args, recipe, model.state_dict(), ds_dir, cfg, Path(out) / "eval_shards")
+    metrics, cost, reliability = _evaluate(args, recipe, model.state_dict(), ds_dir, cfg, Path(out) / "eval_shards")
     metrics["evaluated_by"]["head"] = f"the backbone's own classifier ({classes} classes)"
     result = {"id": f"{BACKBONE_METHOD}-{cfg.backbone}-{cfg.dataset}-{config_hash(cfg)}-s{cfg.seed}",
               "method": BACKBONE_METHOD, "dataset": cfg.dataset, "backbone": cfg.backbone, "seed": cfg.seed,
@@ -177,6 +179,8 @@ def _evaluate_backbone(args) -> int:
               "cost": {"wall_s": time.time() - t0, "train_s": 0.0, "eval_s": cost["wall_s"],
                        "device": cost["per_shard"][0]["device"], "evaluate": cost},
               "versions": versions(), "status": "ok"}
+    if reliability is not None:
+        result["reliability"] = reliability
     result_path = Path(out) / "result.json"
     atomic_write_json(result_path, result)
     _show(result, result_path)
@@ -184,17 +188,29 @@ def _evaluate_backbone(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- shared
-def _evaluate(args, recipe, state, ds_dir: Path, cfg, work_dir: Path) -> tuple[dict, dict]:
-    """The metrics block (with ``evaluated_by``) and the evaluation's cost, sharded as asked."""
+def _evaluate(args, recipe, state, ds_dir: Path, cfg, work_dir: Path) -> tuple[dict, dict, dict | None]:
+    """The metrics block (with ``evaluated_by``), the evaluation's cost, sharded as asked, and the row's
+    reliability block (None when ``reliability`` is off): the shards' merged inputs, indicators computed here."""
+    import torch
+
     from bench.evaluate import metrics_from_flags
+    from bench.reliability import row_reliability
     from bench.sharded_eval import evaluate_sharded
+    from data_shards.manifest import read_manifest
     from data_shards.reader import load_split
 
     x, y = load_split(ds_dir, "test", max_samples=cfg.n_eval, image_size=cfg.image_size, transform=cfg.transform)
+    details = {} if cfg.reliability != "off" else None
     flags, report = evaluate_sharded(recipe, state, x, y, cfg, shards=args.shards, work_dir=work_dir,
                                      address=args.address, cpus_per_shard=args.cpus_per_shard,
                                      gpus_per_shard=args.gpus_per_shard, max_retries=args.max_retries,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, details=details)
+    reliability = None
+    if details is not None:
+        device = torch.device("cuda" if args.gpus_per_shard > 0 and torch.cuda.is_available() else "cpu")
+        reliability = row_reliability(recipe.build_with(state).to(device), x, y, flags, details, cfg,
+                                      n_classes=read_manifest(ds_dir)["num_classes"],
+                                      eval_forwards=report["eval_forwards"], device=device)
     metrics = metrics_from_flags(flags, cfg)
     metrics["evaluated_by"] = {
         "command": "bench evaluate", "options": _options(args), "shards": report["shards"], "address": args.address,
@@ -202,7 +218,7 @@ def _evaluate(args, recipe, state, ds_dir: Path, cfg, work_dir: Path) -> tuple[d
         "autoattack_version": cfg.autoattack_version, "eval_pgd_steps": cfg.eval_pgd_steps,
         "eval_batch_size": cfg.eval_batch_size, "seed": cfg.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime())}
-    return metrics, report
+    return metrics, report, reliability
 
 
 def _options(args) -> dict:
