@@ -52,6 +52,24 @@ def _env(shards_root: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------- schema
 
+
+@pytest.mark.parametrize("kw, cpus, cap, said", [
+    ({}, 2, 2, False),                                                     # no shards: nothing to keep free
+    ({"fixed": {"eval_shards": 2}}, 2, 1, True),                           # 2 trials would hold both CPUs
+    ({"fixed": {"eval_shards": 2}}, 8, 2, False),                          # room already
+    ({"space": {"eval_shards": {"choice": [1, 3]}}}, 2, 1, True),          # a searched value counts
+    ({"per_method": {"rft": {"eval_shards": 2}}, "max_concurrent_trials": None}, 3, 2, True),
+    ({"fixed": {"eval_shards": 2}, "resources": {"cpus": 2}}, 2, 2, False),  # no shard fits beside one trial:
+])                                                                         # shards run in the trial's process
+def test_concurrency_leaves_a_cpu_for_evaluation_shards(tmp_path, capsys, kw, cpus, cap, said):
+    from bench.sweep.driver import _leave_room_for_eval_shards
+    from bench.sweep.space import load_sweep
+
+    spec = load_sweep(write_sweep(tmp_path, **kw))
+    _leave_room_for_eval_shards(spec, {"CPU": float(cpus)})
+    assert spec.max_concurrent_trials == cap
+    assert ("find a free CPU" in capsys.readouterr().out) == said
+
 def _err(tmp_path, text: str) -> str:
     from bench.sweep.space import SweepError, load_sweep
 

@@ -275,6 +275,7 @@ def run_sweep(spec, results: str | Path, *, address: str | None = None, resume: 
             print(f"bench sweep: the Ray cluster has no GPU; running with gpus=0 instead of {spec.gpus:g} per "
                   f"{'worker' if spec.workers > 1 else 'trial'}", flush=True)
             spec.gpus = 0.0
+        _leave_room_for_eval_shards(spec, ray.cluster_resources())
         ctx = _sweep_context(spec, results, data_root, storage_path, node_local=storage is not None)
         fit = _tune_runner(spec, ctx, storage_path, resume=resume, exists=exists, verbose=verbose, t_start=t_start)
         if plan is None:
@@ -417,6 +418,39 @@ def _finish(spec, grid, results: Path, t_start: float, *, leaderboard: bool, wan
         if n_runs:
             print(f"bench sweep: {n_runs} offline W&B runs; upload them with: {sync_command(results)}", flush=True)
     return summary
+
+
+def _largest_eval_shards(spec) -> int:
+    """The most evaluation shards any trial of ``spec`` asks for (fixed, per method, per data set, searched)."""
+    values = [spec.fixed.get("eval_shards")]
+    values += [block.get("eval_shards") for block in spec.per_method.values()]
+    for block in spec.per_dataset.values():
+        values += [block.get("eval_shards")]
+        values += [sub.get("eval_shards") for sub in block.values() if isinstance(sub, dict)]
+    if "eval_shards" in spec.space:
+        _, args = spec.space["eval_shards"]
+        values += [v for v in (args if isinstance(args, (list, tuple)) else [args])]
+    return max([int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)] or [1])
+
+
+def _leave_room_for_eval_shards(spec, cluster: dict) -> None:
+    """Cap the trials run at once so that an evaluation shard always finds a CPU beside them: a trial with
+    ``eval_shards > 1`` runs its shards on the cluster's free CPUs while it holds its own
+    (bench.sharded_eval._outside_the_trial), so concurrent trials holding every CPU would each wait for the
+    others' shards forever. (A cluster that cannot fit a shard beside even one trial needs no cap: the
+    shards then run in the trial's process.)"""
+    shards = _largest_eval_shards(spec)
+    if shards <= 1:
+        return
+    per_trial = spec.cpus * max(1, spec.workers)
+    shard_cpus = 1.0  # bench.sharded_eval.sharded_flags' cpus_per_shard, as trials call it
+    fit = int((cluster.get("CPU", 0) - shard_cpus) // per_trial) if per_trial > 0 else 0
+    if fit < 1 or (spec.max_concurrent_trials is not None and spec.max_concurrent_trials <= fit):
+        return
+    spec.max_concurrent_trials = fit
+    print(f"bench sweep: at most {fit} trial(s) at a time, so that their evaluation shards (eval_shards up to "
+          f"{shards}) find a free CPU beside them ({cluster.get('CPU', 0):g} CPUs, {per_trial:g} per trial)",
+          flush=True)
 
 
 def _trial_resources(spec):
