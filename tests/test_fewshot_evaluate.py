@@ -155,3 +155,26 @@ def test_episodes_on_a_supervised_trial_or_a_backbone_fail_in_one_line(tmp_path,
         assert main(["evaluate", *request, "--episodes", "5"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("targets", [None, ["digits"]])
+def test_test_samplers_are_the_trials_test_episodes(shards_root, targets):
+    """What ``bench evaluate`` samples (test samplers alone) is what the trial's test sampled (``open``)."""
+    import torch
+
+    from bench.config import resolve_config
+    from bench.tasks import EpisodicTask
+    from data_shards.manifest import read_manifest
+
+    cfg = resolve_config("pmf", {**TINY, "target_datasets": targets})
+    ds_dir = shards_root / "digits"
+    task = EpisodicTask(cfg, ds_dir, read_manifest(ds_dir), device=torch.device("cpu"), data_root=shards_root)
+    task.open()
+    alone = task.test_samplers()
+    assert list(alone) == [t["name"] for t in task.targets] == ["digits"]
+    for t in task.targets:
+        s = alone[t["name"]]
+        assert (s.seed, s.classes, s.ways, s.shots, s.queries) == (t["test"].seed, t["test"].classes, 5, 1, 3)
+        assert s.seed == cfg.seed + 10_000 and s.classes == [5, 6, 7, 8, 9]  # the novel classes
+        for a, b in zip(s.sample(2), t["test"].sample(2)):
+            assert torch.equal(a, b)
