@@ -5,6 +5,7 @@ Ray tasks; a killed shard's finished episodes are not recomputed; options that d
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,25 +123,75 @@ def test_episode_shards_give_one_process_flags(trials, shards_root, tmp_path, me
     assert again["resumed_episodes"] == b - a and again["flags"]["digits"] == whole[a - start:b - start]
 
 
-def test_two_ray_shards_equal_one(trials, shards_root):
-    """``--shards 2`` (two Ray tasks over episodes 0-1 and 2-3) and ``--shards 1``: the same per-query flags
-    and the same few-shot block."""
-    import ray
+def _worker_hook():
+    """Runs in every Ray worker at start: logs each episode a shard finishes to the control folder and, when
+    ``kill_at_second`` is there, SIGKILLs the first worker that starts its second episode (once), its first
+    saved by then (an episode's file is written when ``episode_flags`` returns)."""
+    import os
+    import signal
 
-    run_dir = trials["pmf"]
+    import bench.fewshot
+
+    ctl, compute = Path(os.environ["BENCH_TEST_CTL"]), bench.fewshot.episode_flags
+    started = []
+
+    def episode_flags(*args, **kwargs):
+        armed = (ctl / "kill_at_second").exists()
+        started.append(armed)  # a worker may have run episodes of an earlier evaluation: count the armed ones
+        if armed and sum(started) == 2:
+            try:
+                os.close(os.open(ctl / "killed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                os.kill(os.getpid(), signal.SIGKILL)
+            except FileExistsError:
+                pass
+        out = compute(*args, **kwargs)
+        with open(ctl / "episodes.log", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return out
+
+    bench.fewshot.episode_flags = episode_flags
+
+
+@pytest.fixture
+def ray_2cpu(tmp_path):
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels by value to the workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
+                                       "BENCH_TEST_CTL": str(tmp_path)}, "worker_process_setup_hook": _worker_hook})
+    yield tmp_path
+    ray.shutdown()
+
+
+def test_two_ray_shards_equal_one_and_a_killed_shard_resumes(trials, shards_root, ray_2cpu):
+    """``--shards 2`` (two Ray tasks over episodes 0-1 and 2-3) and ``--shards 1`` (in this process): the same
+    per-query flags and few-shot block. Again with a worker SIGKILLed as it starts its second episode: Ray
+    retries that shard, which reloads its first episode; the same flags, and no episode computed twice."""
+    import shutil
+
+    ctl, run_dir = ray_2cpu, trials["pmf"]
     one = _evaluate(run_dir, shards_root, "--shards", "1")
     flags_one = _episode_flags(run_dir)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}})
-    try:
-        two = _evaluate(run_dir, shards_root, "--shards", "2")
-    finally:
-        ray.shutdown()
+    two = _evaluate(run_dir, shards_root, "--shards", "2")
     assert [s["range"] for s in two["cost"]["evaluate"]["per_shard"]] == [[0, 2], [2, 4]]
     assert _episode_flags(run_dir) == flags_one
     for key in FEWSHOT_KEYS:
         assert two["fewshot"][key] == one["fewshot"][key], key
     assert two["fewshot"]["evaluated_by"]["shards"] == 2
+    assert len((ctl / "episodes.log").read_text().splitlines()) == 4
+
+    for name in ("episodes-000000-000002", "episodes-000002-000004"):
+        shutil.rmtree(run_dir / "eval_episodes" / name)
+    (ctl / "episodes.log").unlink()
+    (ctl / "kill_at_second").write_text("")
+    killed = _evaluate(run_dir, shards_root, "--shards", "2")
+    assert (ctl / "killed").exists()
+    assert _episode_flags(run_dir) == flags_one and killed["fewshot"]["clean_acc"] == one["fewshot"]["clean_acc"]
+    shards = killed["cost"]["evaluate"]["per_shard"]
+    assert sorted((s["attempts"], s["resumed_episodes"]) for s in shards) == [(1, 0), (2, 1)]
+    assert len((ctl / "episodes.log").read_text().splitlines()) == 4  # nothing finished ran again
 
 
 @pytest.mark.parametrize("options, code, message", [
