@@ -36,8 +36,13 @@ class ModelRecipe:
     def build(self) -> nn.Module:
         if self.kind == "backbone":
             return backbone_with_own_head(self.backbone, image_size=self.image_size, input_resize=self.input_resize)
+        return self.build_method().eval_model()
+
+    def build_method(self):
+        """The trial's method (kind "method"), its own state loaded; a few-shot evaluation needs the method
+        itself (its ``episode_classifier``), not only the network."""
         if self.kind != "method":
-            raise ValueError(f"unknown recipe kind {self.kind!r}")
+            raise ValueError(f"recipe kind {self.kind!r} has no method")
         from bench.backbones import create_backbone
         from bench.config import resolve_config
         from methods import get_method
@@ -48,7 +53,7 @@ class ModelRecipe:
         method = get_method(cfg.method)(cfg, backbone, self.num_classes)
         if self.method_state:
             method.load_state_dict(self.method_state)
-        return method.eval_model()
+        return method
 
     def build_with(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """The network holding ``state`` (strictly: a state that does not fit is an error), in eval mode."""

@@ -178,40 +178,60 @@ class EpisodicTask:
     def open(self) -> None:
         from data_shards.episodes import EpisodeSampler
 
-        cfg, manifest = self.cfg, self.manifest
-        fewshot = manifest.get("fewshot", {})
-        base = cfg.base_classes or fewshot.get("base_classes") or list(range(manifest["num_classes"]))
-        novel = cfg.novel_classes or fewshot.get("novel_classes") or base
+        cfg = self.cfg
+        base, novel = self._base_novel()
         self.train_sampler = EpisodeSampler(self.ds_dir, "train", base, cfg.ways, cfg.shots, cfg.queries,
                                             seed=cfg.seed, image_size=cfg.image_size, transform=cfg.transform,
                                             augment=cfg.augment)
         self.val_sampler = self._val_sampler(base)
-        self.test_sampler = EpisodeSampler(self.ds_dir, "test", novel, cfg.ways, cfg.shots, cfg.queries,
-                                           seed=cfg.seed + 10_000, image_size=cfg.image_size,
-                                           transform=cfg.transform)
+        self.test_sampler = self._test_sampler(self.ds_dir, novel)
         self.targets = self._targets(novel)
         self.steps_per_epoch = cfg.episodes_per_epoch
+
+    def _base_novel(self) -> tuple[list[int], list[int]]:
+        cfg, fewshot = self.cfg, self.manifest.get("fewshot", {})
+        base = cfg.base_classes or fewshot.get("base_classes") or list(range(self.manifest["num_classes"]))
+        return base, cfg.novel_classes or fewshot.get("novel_classes") or base
+
+    def _test_sampler(self, ds_dir: Path, classes):
+        from data_shards.episodes import EpisodeSampler
+
+        cfg = self.cfg
+        return EpisodeSampler(ds_dir, "test", classes, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 10_000,
+                              image_size=cfg.image_size, transform=cfg.transform)
+
+    def _target_data(self, name: str, novel) -> tuple[Path, dict, list[int]]:
+        """A named test domain's folder, manifest and novel classes (the source's own for the source)."""
+        if name == self.cfg.dataset:
+            return self.ds_dir, self.manifest, novel
+        ds_dir = dataset_dir(name, self.data_root)
+        manifest = read_manifest(ds_dir)
+        novel_there = manifest.get("fewshot", {}).get("novel_classes")
+        return ds_dir, manifest, novel_there or list(range(manifest["num_classes"]))
+
+    def test_samplers(self) -> dict[str, Any]:
+        """The test episodes of every test domain, by name (the primary first), without opening the training
+        and validation data: what ``bench evaluate`` re-evaluates a finished trial on (the trial's own)."""
+        novel = self._base_novel()[1]
+        names = self.cfg.target_datasets or [self.cfg.dataset]
+        out = {}
+        for name in names:
+            ds_dir, _, classes = self._target_data(name, novel)
+            out[name] = self._test_sampler(ds_dir, classes)
+        return out
 
     def _targets(self, novel) -> list[dict]:
         """The test domains: name, test sampler, validation sampler (None: no usable val split). Without
         ``target_datasets``: the source's novel classes, validated on the training data's held-out episodes.
         A named target uses its own test split and, for per-domain selection, its own val split, over its
         manifest's novel classes (the source's ``novel_classes`` for the source itself), else all its classes."""
-        from data_shards.episodes import EpisodeSampler
-
         cfg = self.cfg
         if not cfg.target_datasets:
             return [{"name": cfg.dataset, "test": self.test_sampler, "val": self.val_sampler}]
         out = []
         for name in cfg.target_datasets:
-            if name == cfg.dataset:
-                ds_dir, manifest, classes = self.ds_dir, self.manifest, novel
-            else:
-                ds_dir = dataset_dir(name, self.data_root)
-                manifest = read_manifest(ds_dir)
-                classes = manifest.get("fewshot", {}).get("novel_classes") or list(range(manifest["num_classes"]))
-            test = EpisodeSampler(ds_dir, "test", classes, cfg.ways, cfg.shots, cfg.queries,
-                                  seed=cfg.seed + 10_000, image_size=cfg.image_size, transform=cfg.transform)
+            ds_dir, manifest, classes = self._target_data(name, novel)
+            test = self._test_sampler(ds_dir, classes)
             out.append({"name": name, "test": test, "val": self._val_sampler(classes, ds_dir, manifest)})
         return out
 

@@ -1,9 +1,12 @@
-"""``bench evaluate``: robust evaluation of a finished trial's weights or of any backbone, sharded by samples.
+"""``bench evaluate``: robust evaluation of a finished trial's weights or of any backbone, sharded by samples or
+by episodes.
 
-``bench evaluate RUN_DIR`` re-evaluates the weights the trial selected and updates RUN_DIR/result.json;
-``bench evaluate --backbone NAME --dataset D`` evaluates a backbone with its own classifier and writes a
-result.json of method "backbone" that ranks in the same leaderboard. ``--shards K`` runs the evaluation as
-K Ray tasks (bench/sharded_eval.py), whose flags equal one process's.
+``bench evaluate RUN_DIR`` re-evaluates the weights the trial selected and updates RUN_DIR/result.json: a
+supervised trial on its test samples (``metrics``), a few-shot (episodic) trial on its test episodes
+(``fewshot``, for AMT the pool and merge the trial used); ``bench evaluate --backbone NAME --dataset D``
+evaluates a backbone with its own classifier and writes a result.json of method "backbone" that ranks in the
+same leaderboard. ``--shards K`` runs the evaluation as K Ray tasks, by samples (bench/sharded_eval.py) or by
+episodes (bench/sharded_fewshot.py), whose flags equal one process's.
 """
 from __future__ import annotations
 
@@ -26,14 +29,18 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, help="with --backbone: the folder of its result.json "
                                             "(default runs/backbone-NAME-DATASET-HASH-sSEED)")
     p.add_argument("--autoattack", choices=("standard", "plus", "rand", "apgd-ce", "off"),
-                   help="AutoAttack version (default: the trial's autoattack_version; with --backbone standard)")
-    p.add_argument("--n-eval", type=int, help="first N test samples (default: the trial's n_eval; all)")
+                   help="AutoAttack version (default: the trial's autoattack_version, for a few-shot trial its "
+                        "fewshot_autoattack, on each episode's queries; with --backbone standard)")
+    p.add_argument("--n-eval", type=int, help="first N test samples (default: the trial's n_eval; all); "
+                                              "supervised trials and backbones")
+    p.add_argument("--episodes", type=int, help="a few-shot trial's test episodes 0..N-1 (default: the trial's)")
     p.add_argument("--eps", help="L-inf radius, e.g. 8/255 (default: the trial's)")
     p.add_argument("--pgd-steps", type=int, help="PGD steps of the PGD pass, 0: none (default: the trial's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any other evaluation field (eval_batch_size, eval_pgd_restarts, seed, ...)")
-    p.add_argument("--shards", type=int, default=1, help="Ray tasks, each a slice of whole evaluation batches "
-                                                         "(1 without --address: in this process)")
+    p.add_argument("--shards", type=int, default=1, help="Ray tasks, each a slice of whole evaluation batches, "
+                                                         "or of a few-shot trial's episodes (1 without --address: "
+                                                         "in this process)")
     p.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
     p.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard, fractions allowed")
     p.add_argument("--cpus-per-shard", type=float, default=1.0)
@@ -50,6 +57,11 @@ def _check_args(args) -> None:
         raise ValueError("--backbone needs --dataset")
     if args.run_dir is not None and (args.dataset or args.out):
         raise ValueError("--dataset and --out go with --backbone; a trial is evaluated on its data set, in its folder")
+    if args.backbone is not None and args.episodes is not None:
+        raise ValueError("--episodes goes with a few-shot trial's RUN_DIR; a backbone is evaluated on test samples "
+                         "(--n-eval)")
+    if args.episodes is not None and args.episodes < 1:
+        raise ValueError(f"--episodes {args.episodes} must be >= 1")
     if args.shards < 1:
         raise ValueError(f"--shards {args.shards} must be >= 1")
     if args.gpus_per_shard < 0 or args.cpus_per_shard <= 0 or args.max_retries < 0:
@@ -115,8 +127,10 @@ def _evaluate_trial(args) -> int:
                          f"{', validation-only candidate' if result.get('stage') else ''})")
     trained = resolve_config(result["method"], {k: v for k, v in result["config"].items() if k != "method"})
     if task_for(get_method(trained.method)) is not SupervisedTask:
-        raise ValueError(f"{run_dir}: {trained.method} is a few-shot (episodic) method; bench evaluate supports "
-                         f"supervised trials (few-shot evaluation: not yet)")
+        return _evaluate_fewshot_trial(args, result, trained)
+    if args.episodes is not None:
+        raise ValueError(f"{run_dir}: --episodes counts few-shot test episodes; {trained.method} is a supervised "
+                         f"trial (its test samples: --n-eval)")
     cfg = with_overrides(trained, _overrides(args, None))
     ds_dir = dataset_dir(cfg.dataset, args.data_root)
     manifest = read_manifest(ds_dir)
@@ -137,6 +151,81 @@ def _evaluate_trial(args) -> int:
         result["reliability"] = reliability
     atomic_write_json(result_path, result)
     _show(result, result_path)
+    return 0
+
+
+def _evaluate_fewshot_trial(args, result: dict, trained) -> int:
+    """A finished episodic trial (amt, pmf): its selected weights (an AMT merging trial: its pool, merged per
+    episode as the trial did) on its test episodes, every test domain; updates ``fewshot`` (and
+    ``fewshot_targets``) of its result.json."""
+    from dataclasses import replace
+
+    import torch
+
+    from bench.config import with_overrides
+    from bench.eval_target import ModelRecipe, trial_weights
+    from bench.fewshot import fewshot_block
+    from bench.files import atomic_write_json
+    from bench.prerequisites import in_run_dir
+    from bench.sharded_fewshot import build_method, sharded_fewshot
+    from data_shards.manifest import read_manifest
+    from data_shards.paths import dataset_dir
+    from data_shards.transforms import output_size
+
+    run_dir = args.run_dir
+    if args.n_eval is not None:
+        raise ValueError(f"{run_dir}: --n-eval counts test samples; {trained.method} is a few-shot trial, "
+                         f"evaluated on test episodes (--episodes N)")
+    overrides = _overrides(args, None)
+    if "autoattack_version" in overrides:  # on the episodes' queries: the few-shot field
+        overrides["fewshot_autoattack"] = overrides.pop("autoattack_version")
+    if args.episodes is not None:
+        overrides["episodes"] = args.episodes
+    cfg = in_run_dir(with_overrides(trained, overrides), run_dir)  # {run_dir} in pool_dir: this folder
+    ds_dir = dataset_dir(cfg.dataset, args.data_root)
+    manifest = read_manifest(ds_dir)
+    recipe = ModelRecipe(kind="method", backbone=cfg.backbone, num_classes=cfg.ways,
+                         image_size=output_size(cfg.transform, manifest, cfg.image_size)[0], config=cfg.to_dict())
+    try:
+        state, method_state, source = trial_weights(run_dir)
+        recipe = replace(recipe, method_state=method_state)
+    except FileNotFoundError:
+        state = None  # a merging trial trains nothing and keeps no checkpoint: its weights are its pool's
+    method = build_method(recipe, state, trained.seed, device=torch.device("cpu"))
+    if state is None:
+        if method.needs_training:
+            raise FileNotFoundError(f"{run_dir}: no checkpoints/best.pt (nor a last-epoch checkpoint) to evaluate")
+        members = getattr(method, "members", [])
+        source = f"the pool of {Path(cfg.pool_dir).resolve()} ({len(members)} members), merged per episode"
+    del method  # built here to fail before any work on weights or a pool that do not fit
+    print(f"evaluating {source} on {cfg.episodes} test episodes")
+    flags, shapes, report = sharded_fewshot(recipe, state, cfg, init_seed=trained.seed, shards=args.shards,
+                                            work_dir=run_dir / "eval_episodes", data_root=args.data_root,
+                                            address=args.address, cpus_per_shard=args.cpus_per_shard,
+                                            gpus_per_shard=args.gpus_per_shard, max_retries=args.max_retries,
+                                            progress=not args.no_progress)
+    blocks = {}
+    for name, episodes in flags.items():
+        block = fewshot_block(episodes, cfg, ways=shapes[name]["ways"], shots=shapes[name]["shots"],
+                              autoattack=cfg.fewshot_autoattack)
+        block["evaluated_by"] = {
+            "command": "bench evaluate", "options": _options(args), "shards": report["shards"],
+            "address": args.address, "metrics": sorted(block), "episodes": cfg.episodes,
+            "queries_per_episode": len(episodes[0]["clean"]), "sampler_seed": shapes[name]["sampler_seed"],
+            "eps": cfg.eps, "eval_pgd_steps": cfg.eval_pgd_steps, "fewshot_autoattack": cfg.fewshot_autoattack,
+            "seed": cfg.seed, "weights": source, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        blocks[name] = block
+    primary = next(iter(blocks))
+    previous = result.get("fewshot") or {}
+    result["fewshot"] = {**previous, **blocks[primary]}  # what was not recomputed stays
+    if previous:
+        result.setdefault("fewshot_history", []).append(previous)
+    if cfg.target_datasets:
+        targets = result.get("fewshot_targets") or {}
+        result["fewshot_targets"] = {**targets, **{n: {**targets.get(n, {}), **b} for n, b in blocks.items()}}
+    result.setdefault("cost", {})["evaluate"] = report
+    atomic_write_json(run_dir / "result.json", result)
+    _show(result, run_dir / "result.json", block="fewshot")
     return 0
 
 
@@ -226,7 +315,7 @@ def _options(args) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("func", "command")}
 
 
-def _show(result: dict, path: Path) -> None:
-    shown = {k: v for k, v in result["metrics"].items() if k != "evaluated_by"}
+def _show(result: dict, path: Path, block: str = "metrics") -> None:
+    shown = {k: v for k, v in result[block].items() if k != "evaluated_by"}
     print(json.dumps(shown, indent=2))
     print(f"wrote {path}")
