@@ -273,3 +273,34 @@ def test_bench_run_writes_reliability_into_result_and_wandb_summary(shards_root,
                if r.get("kind") == "summary"][-1]
     assert summary["reliability/verdict"] == rel["verdict"]
     assert summary["reliability/budget_unbounded/fired"] in (0, 1)
+
+
+@pytest.mark.slow
+def test_the_embedded_backbone_after_robust_fine_tuning_is_ok(shards_root, tmp_path):
+    """The other half of the masked-model test on the suite's own pipeline: the embedded ResNet-18 after the
+    smoke's robust fine-tuning (rft, 2 epochs of 384 images, PGD-1 at 1/255), tested with PGD-10 on 64 images
+    and every indicator in full mode on them, fires none; its budget curve falls to 0 unbounded."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), WANDB_MODE="disabled")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = tmp_path / "rft"
+    smoke = {"eps": 1 / 255, "train_attack_steps": 1, "train_step_size": 1.25 / 255, "val_pgd_steps": 1,
+             "n_val": 64, "epochs": 2, "max_train_samples": 384, "batch_size": 16, "lr": 0.05,
+             "lr_milestone_epochs": "[]", "eval_checkpoint": "last", "autoattack_version": "off",
+             "n_eval": 64, "eval_pgd_steps": 10, "reliability": "full", "reliability_n": 64}
+    sets = [a for k, v in smoke.items() for a in ("--set", f"{k}={v}")]
+    p = subprocess.run([sys.executable, "-m", "bench", "run", "--method", "rft", "--backbone", "cifar_resnet18_aa",
+                        "--data-root", str(shards_root), "--out", str(out), "--no-progress", *sets],
+                       env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    rel, m = result["reliability"], result["metrics"]
+    assert rel["mode"] == "full" and rel["subset_n"] == 64
+    assert m["clean_acc"] > 0.6 and m["robust_acc"] > 0.3  # it learned, and robustly (chance is 0.1)
+    assert rel["verdict"] == "ok" and rel["fired"] == [], rel
+    assert rel["curve"]["robust_acc"][-1] <= 0.1  # the unbounded attack breaks it: the gradients work

@@ -63,7 +63,9 @@ def sharded_eval_benchmark(quick: bool = False) -> dict:
         started_here = not ray.is_initialized()
         if started_here:
             t0 = time.time()
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            from bench.sweep.driver import _init_ray, _trial_env
+
+            _init_ray(None, 2, _trial_env())  # as bench evaluate starts it (and as quiet: no Ray notices)
             out["ray_init_s"] = time.time() - t0
         try:
             out["worker_warm_up_s"] = _warm_workers(2)
