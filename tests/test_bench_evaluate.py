@@ -327,3 +327,21 @@ def test_eval_shards_in_a_sweep_file_is_a_speed_setting(tmp_path):
     path.write_text("methods: [rft]\nfixed: {eval_shards: 0}\n")
     with pytest.raises(ValueError, match="eval_shards=0 must be >= 1"):
         load_sweep(path)
+
+
+@pytest.mark.parametrize("folders, said", [
+    ((), "nothing finished yet"),
+    (("eval_shards",), "finished batches are kept in {d}/eval_shards"),
+    (("eval_episodes",), "finished episodes are kept in {d}/eval_episodes"),
+])
+def test_ctrl_c_line_names_what_is_kept_and_the_command_that_resumes(tmp_path, folders, said):
+    import argparse
+
+    from bench.cli.evaluate import _interrupted
+
+    run_dir = tmp_path / "a trial"
+    for name in folders:
+        (run_dir / name).mkdir(parents=True)
+    argv = ["evaluate", str(run_dir), "--shards", "2"]
+    line = _interrupted(argparse.Namespace(run_dir=run_dir), argv)
+    assert line == f"interrupted; {said.format(d=run_dir)}; resume with: bench evaluate '{run_dir}' --shards 2"

@@ -47,7 +47,23 @@ def add_parser(sub) -> None:
     p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose worker died")
     p.add_argument("--data-root", type=Path, default=None, help="shards root (default: $BENCH_SHARDS or ./shards)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_interrupt=_interrupted)
+
+
+# where an evaluation keeps what it finished, per shard: AutoAttack batches (by samples) or episodes
+STATE_DIRS = {"eval_shards": "finished batches", "eval_episodes": "finished episodes"}
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    """What Ctrl-C left: the finished batches or episodes (kept in the state folder, reused when the same
+    settings run again) and the command that resumes."""
+    import shlex
+
+    folder = args.run_dir or getattr(args, "resolved_out", None)
+    kept = [f"{what} are kept in {Path(folder) / name}" for name, what in STATE_DIRS.items()
+            if folder is not None and (Path(folder) / name).is_dir()]
+    where = "; ".join(kept) or "nothing finished yet"
+    return f"interrupted; {where}; resume with: bench {shlex.join(argv)}"
 
 
 def _check_args(args) -> None:
@@ -259,6 +275,7 @@ def _evaluate_backbone(args) -> int:
           f"(its class i counts as label i)")
     out = args.out or Path("runs") / f"{BACKBONE_METHOD}-{cfg.backbone.split('@')[0]}-{cfg.dataset}-" \
                                      f"{config_hash(cfg)}-s{cfg.seed}"
+    args.resolved_out = Path(out)  # for the Ctrl-C line
     t0 = time.time()
     metrics, cost, reliability = _evaluate(args, recipe, model.state_dict(), ds_dir, cfg, Path(out) / "eval_shards")
     metrics["evaluated_by"]["head"] = f"the backbone's own classifier ({classes} classes)"
