@@ -13,13 +13,17 @@
 # (`pip wheel --no-deps --no-build-isolation`, ops left to DeepSpeed's JIT: a py3-none-any wheel).
 # Left out by design: Ray (larger than the 64 MiB a device call carries), W&B (tracking off there).
 # Prints the folder's size and fails when it is over 60 MiB (the repo's own files travel in the same 64 MiB).
-set -eu
+set -euo pipefail
 
 DIR="${1:-.wheels}"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
 LIMIT_MIB=60
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# pip, less the "Location ... is ignored" lines a machine's pip config (index folders lacking some packages)
+# prints once per package and folder, as the Makefile's set-up drops them; pipefail keeps pip's failures
+pip_() { "$PY" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 mkdir -p "$DIR"
 LIST="$("$PY" "$REPO/scripts/gpu_check_steps.py" wheels "$REPO/requirements.lock")"
@@ -28,9 +32,9 @@ while read -r spec kind; do
   case "$spec" in deepspeed==*) SDIST+=("$spec") ;; *) [ "$kind" = binary ] && BINARY+=("$spec") || ANY+=("$spec") ;; esac
 done <<< "$LIST"
 
-"$PY" -m pip download -q --no-deps -d "$DIR" "${ANY[@]}"
+pip_ download -q --no-deps -d "$DIR" "${ANY[@]}"
 for v in 3.10 3.11 3.12 3.13; do
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$v" --implementation cp \
+  pip_ download -q --no-deps --only-binary=:all: --python-version "$v" --implementation cp \
     --platform manylinux2014_x86_64 -d "$DIR" "${BINARY[@]}"
 done
 
@@ -39,8 +43,8 @@ for spec in "${SDIST[@]}"; do
   name="${spec%%==*}" version="${spec##*==}"
   if ! ls "$DIR/$name-$version"-*.whl > /dev/null 2>&1; then
     tmp="$(mktemp -d)"
-    "$PY" -m pip download -q --no-deps -d "$tmp" "$spec"  # an sdist: DeepSpeed publishes no wheel
-    DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DIR" "$tmp"/*
+    pip_ download -q --no-deps -d "$tmp" "$spec"  # an sdist: DeepSpeed publishes no wheel
+    DS_BUILD_OPS=0 pip_ wheel -q --no-deps --no-build-isolation -w "$DIR" "$tmp"/*
     rm -rf "$tmp"
   fi
 done
