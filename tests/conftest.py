@@ -120,13 +120,14 @@ class RayStartCluster:
     def output(proc: subprocess.Popen) -> str:
         return proc.log.read_text(errors="replace")
 
-    def wait_for(self, proc: subprocess.Popen, condition, what: str, timeout_s: float = 300) -> None:
+    def wait_for(self, proc: subprocess.Popen, condition, what: str, timeout_s: float = 300,
+                 poll_s: float = 0.5) -> None:
         """Until ``condition()`` holds while the driver ``proc`` runs; else the test fails with its output."""
         deadline = time.time() + timeout_s
         while time.time() < deadline and proc.poll() is None:
             if condition():
                 return
-            time.sleep(0.5)
+            time.sleep(poll_s)
         proc.kill()
         pytest.fail(f"no {what} (driver exit {proc.wait()}): " + self.output(proc)[-3000:])
 
