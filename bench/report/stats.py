@@ -136,8 +136,12 @@ def welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
     """Welch's t-test (t, p) of a vs b, or (None, None) when either side has fewer than 2 values."""
     if len(a) < 2 or len(b) < 2:
         return None, None
+    import warnings
+
     from scipy import stats
-    res = stats.ttest_ind(a, b, equal_var=False)
+    with warnings.catch_warnings():  # seeds that agree to the last digit: scipy warns of precision loss, and the
+        warnings.simplefilter("ignore", RuntimeWarning)  # p-value below then says what it can (None if nothing)
+        res = stats.ttest_ind(a, b, equal_var=False)
     t, p = float(res.statistic), float(res.pvalue)
     if not math.isfinite(p):  # zero variance on both sides
         return (t if math.isfinite(t) else None), None
