@@ -188,7 +188,6 @@ def sharded_flags(recipe, state: dict[str, torch.Tensor], x: torch.Tensor, y: to
     ``details``, a dict, receives the reliability inputs one process's ``evaluate_flags`` would give
     (``pgd_loss``, ``autoattack``); the report then has ``eval_forwards``."""
     import ray
-    from tqdm.auto import tqdm
 
     t0 = time.time()
     work_dir = Path(work_dir)
@@ -213,21 +212,8 @@ def sharded_flags(recipe, state: dict[str, torch.Tensor], x: torch.Tensor, y: to
                         shard_dir=str(work_dir / SHARD_DIR.format(a, b)), threads=threads, use_gpu=gpus_per_shard > 0,
                         progress=counter, details=details is not None)
             for k, (a, b) in enumerate(ranges)]
-    results: dict[int, dict] = {}
-    bar = tqdm(total=len(refs), desc=f"evaluation in {len(refs)} shards", unit="shard", disable=not progress)
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-        for ref in done:
-            out = ray.get(ref)
-            results[out["shard"]] = out
-            bar.update(1)
-        batches, samples = ray.get(counter.read.remote())
-        bar.set_postfix(autoattack_batches=batches, attacked=samples)
-    bar.close()
-    ray.kill(counter)
-
-    ordered = [results[k] for k in range(len(ranges))]
+    ordered = wait_for_shards(refs, counter, desc=f"evaluation in {len(refs)} shards", progress=progress,
+                              counts=("autoattack_batches", "attacked"))
     flags = {name: torch.tensor(sum((r["flags"][name] for r in ordered), []), dtype=torch.bool)
              for name in ordered[0]["flags"]}
     assert all(len(f) == len(x) for f in flags.values())
@@ -248,6 +234,27 @@ def sharded_flags(recipe, state: dict[str, torch.Tensor], x: torch.Tensor, y: to
         details.update(merged)
     atomic_write_json(work_dir / "shards.json", report)
     return flags, report
+
+
+def wait_for_shards(refs: list, counter, *, desc: str, progress: bool, counts: tuple[str, str]) -> list[dict]:
+    """The shard tasks' outputs in shard order, with a bar of finished shards whose postfix shows the
+    ``_Progress`` actor's two counts (named ``counts``); the actor is killed at the end."""
+    import ray
+    from tqdm.auto import tqdm
+
+    results: dict[int, dict] = {}
+    bar = tqdm(total=len(refs), desc=desc, unit="shard", disable=not progress)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        for ref in done:
+            out = ray.get(ref)
+            results[out["shard"]] = out
+            bar.update(1)
+        bar.set_postfix(dict(zip(counts, ray.get(counter.read.remote()))))
+    bar.close()
+    ray.kill(counter)
+    return [results[k] for k in range(len(refs))]
 
 
 def _outside_the_trial(cpus_per_shard: float, gpus_per_shard: float) -> tuple[str | None, str | None]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from bench.files import atomic_write_json
-from bench.sharded_eval import ATTEMPTS, _Progress, shard_ranges
+from bench.sharded_eval import ATTEMPTS, _Progress, shard_ranges, wait_for_shards
 
 SHARD_DIR = "episodes-{:06d}-{:06d}"  # a shard's folder, by its episode range: another K reuses what fits
 EPISODE_FILE = "{target}-{index:06d}.json"  # one finished episode's per-query flags in one test domain
@@ -163,7 +163,6 @@ def _on_ray(recipe, state, cfg, ranges, common, work_dir: Path, *, address, cpus
             max_retries, progress) -> tuple[list[dict], float]:
     """The shards as Ray tasks; their outputs in shard order and when Ray was up."""
     import ray
-    from tqdm.auto import tqdm
 
     if not ray.is_initialized():  # as a sweep starts it: the suite's code travels to every node
         from bench.sweep.driver import _init_ray, _trial_env
@@ -178,17 +177,6 @@ def _on_ray(recipe, state, cfg, ranges, common, work_dir: Path, *, address, cpus
                            shard_dir=str(work_dir / SHARD_DIR.format(a, b)), threads=max(1, math.ceil(cpus_per_shard)),
                            use_gpu=gpus_per_shard > 0, progress=counter)
                for k, (a, b) in enumerate(ranges)]
-    results: dict[int, dict] = {}
-    bar = tqdm(total=len(pending), desc=f"few-shot evaluation in {len(pending)} shards", unit="shard",
-               disable=not progress)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-        for ref in done:
-            out = ray.get(ref)
-            results[out["shard"]] = out
-            bar.update(1)
-        episodes, queries = ray.get(counter.read.remote())
-        bar.set_postfix(episodes=episodes, queries=queries)
-    bar.close()
-    ray.kill(counter)
-    return [results[k] for k in range(len(ranges))], t_ray
+    ordered = wait_for_shards(pending, counter, desc=f"few-shot evaluation in {len(pending)} shards",
+                              progress=progress, counts=("episodes", "queries"))
+    return ordered, t_ray
